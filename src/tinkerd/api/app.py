@@ -1,0 +1,84 @@
+"""The FastAPI application: authentication, error shapes, and the two front doors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from tinkerd.api.tinker_api import build_router
+from tinkerd.api.wire import WireError
+from tinkerd.core.service import BadRequest, NotFound, Service
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/"}
+
+
+def api_key_of(request: Request) -> str | None:
+    key = request.headers.get("x-api-key")
+    if key:
+        return key
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return None
+
+
+def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start(asyncio.get_running_loop())
+        yield
+        await service.stop()
+
+    app = FastAPI(title="tinkerd", lifespan=lifespan)
+    app.state.service = service
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if request.url.path not in OPEN_PATHS:
+            key = api_key_of(request)
+            if not key:
+                return _error(401, "missing API key: send X-API-Key (or Authorization: Bearer) with a tml- key", request)
+            if not key.startswith("tml-") or (api_keys is not None and key not in api_keys):
+                return _error(401, "invalid API key: keys start with 'tml-'", request)
+        return await call_next(request)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound):
+        return _error(404, str(exc), request)
+
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, exc: BadRequest):
+        return _error(400, str(exc), request)
+
+    @app.exception_handler(WireError)
+    async def wire_error(request: Request, exc: WireError):
+        return _error(400, str(exc), request)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        return _error(422, f"invalid request: {problems}", request)
+
+    app.include_router(build_router(service, hold_seconds))
+    try:
+        from tinkerd.api.openai_api import build_openai_routers
+    except ImportError:  # the OpenAI front door is optional while it is being built
+        build_openai_routers = None
+    if build_openai_routers is not None:
+        for router in build_openai_routers(service):
+            app.include_router(router)
+    return app
+
+
+def _error(status: int, message: str, request: Request) -> JSONResponse:
+    if request.url.path.startswith(("/oai/", "/v1/")):
+        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+    return JSONResponse({"detail": message}, status_code=status)

@@ -1,0 +1,303 @@
+"""The Tinker API routes (`/api/v1/...`) that the unmodified `tinker` SDK calls.
+
+Requests are parsed with the SDK's own pydantic types and protobuf messages, translated
+to plain values for the core layer, and results translated back. See
+shared/spec/tinker-wire-protocol.md for the traps this file handles.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
+from tinker import types as T
+
+from tinkerd.api import wire
+from tinkerd.core.futures import FutureEntry
+from tinkerd.core.service import BadRequest, NotFound, Service
+from tinkerd.engine.types import AdamParams, LoraSpec, SampleRequest, SamplingParams
+
+PROTOBUF = "application/x-protobuf"
+MAX_SAMPLES_PER_REQUEST = 128
+
+
+def parse(model: type[BaseModel], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
+        raise BadRequest(f"invalid {model.__name__}: {problems}") from None
+
+
+async def json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise BadRequest("request body is not valid JSON") from None
+
+
+def promise(entry: FutureEntry, model_id: str | None = None, **extra: Any) -> dict:
+    out: dict[str, Any] = {"request_id": entry.request_id}
+    if model_id is not None:
+        out["model_id"] = model_id
+    out.update(extra)
+    return out
+
+
+def to_sampling_params(p: Any, remaining_context: int) -> SamplingParams:
+    stop = p.stop
+    strings: list[str] = []
+    ids: list[int] = []
+    ignore_eos = False
+    if isinstance(stop, str):
+        strings = [stop]
+    elif stop is not None:
+        stop = list(stop)
+        if not stop:
+            ignore_eos = True  # [] disables every stop condition, EOS included
+        elif all(isinstance(s, str) for s in stop):
+            strings = stop
+        elif all(isinstance(s, int) for s in stop):
+            ids = stop
+        else:
+            raise BadRequest("sampling_params.stop must be all strings or all token ids")
+    if p.max_tokens is not None and p.max_tokens < 0:
+        raise BadRequest(f"sampling_params.max_tokens must be >= 0, got {p.max_tokens}")
+    if not math.isfinite(p.temperature) or p.temperature < 0:
+        raise BadRequest(f"sampling_params.temperature must be >= 0, got {p.temperature}")
+    if not (0.0 < p.top_p <= 1.0):
+        raise BadRequest(f"sampling_params.top_p must be in (0, 1], got {p.top_p}")
+    if any(not s for s in strings):
+        raise BadRequest("sampling_params.stop contains an empty string")
+    return SamplingParams(
+        max_tokens=remaining_context if p.max_tokens is None else p.max_tokens,
+        temperature=float(p.temperature),
+        top_k=int(p.top_k),
+        top_p=float(p.top_p),
+        seed=p.seed,
+        stop_token_ids=ids,
+        stop_strings=strings,
+        ignore_eos=ignore_eos,
+    )
+
+
+def model_input_tokens(model_input: Any, what: str) -> list[int]:
+    tokens: list[int] = []
+    for chunk in model_input.chunks:
+        if getattr(chunk, "type", None) != "encoded_text":
+            raise BadRequest(f"{what}: chunk type {getattr(chunk, 'type', '?')!r} is not supported by this text model")
+        tokens.extend(int(t) for t in chunk.tokens)
+    return tokens
+
+
+def build_router(service: Service, hold_seconds: float) -> APIRouter:
+    r = APIRouter(prefix="/api/v1")
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    @r.post("/client/config")
+    async def client_config() -> dict:
+        return {}
+
+    @r.post("/client/dynamic_config")
+    async def dynamic_config() -> dict:
+        return {}
+
+    @r.post("/telemetry")
+    async def telemetry() -> dict:
+        return {"status": "accepted"}
+
+    @r.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @r.get("/get_server_capabilities")
+    async def capabilities() -> dict:
+        return {
+            "supported_models": [
+                {"model_name": name, "max_context_length": engine.max_context, "trainable": True, "sampleable": True}
+                for name, engine in service.engines.items()
+            ]
+        }
+
+    @r.post("/create_session")
+    async def create_session(request: Request) -> dict:
+        req = parse(T.CreateSessionRequest, await json_body(request))
+        return {"session_id": service.create_session(req.tags, req.user_metadata or {}), "type": "create_session"}
+
+    @r.post("/session_heartbeat")
+    async def heartbeat(request: Request) -> Response:
+        req = parse(T.SessionHeartbeatRequest, await json_body(request))
+        if not service.heartbeat(req.session_id):
+            return JSONResponse({"detail": f"session {req.session_id} has finished"}, status_code=410)
+        return JSONResponse({"type": "session_heartbeat"})
+
+    @r.post("/sessions/{session_id}/finish")
+    async def finish(session_id: str) -> dict:
+        service.finish_session(session_id)
+        return {}
+
+    @r.post("/cancel_future")
+    async def cancel_future() -> dict:
+        return {}
+
+    # -- models and training -------------------------------------------------------------
+
+    @r.post("/create_model")
+    async def create_model(request: Request) -> dict:
+        req = parse(T.CreateModelRequest, await json_body(request))
+        lora = req.lora_config or T.LoraConfig(rank=32)
+        if getattr(req.optimizer_config, "type", "adamw") != "adamw":
+            raise BadRequest(f"optimizer {req.optimizer_config.type!r} is not supported; use adamw")
+        spec = LoraSpec(rank=lora.rank, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
+                        train_unembed=lora.train_unembed, seed=lora.seed)  # type: ignore[arg-type]
+        model_id, entry = service.create_model(req.session_id, req.model_seq_id, req.base_model, spec, req.user_metadata or {})
+        return promise(entry, model_id)
+
+    @r.post("/get_info")
+    async def get_info(request: Request) -> dict:
+        req = parse(T.GetInfoRequest, await json_body(request))
+        run = service.get_run(req.model_id)
+        engine = service.engine_for(run.base_model)
+        return {
+            "type": "get_info",
+            "model_id": run.id,
+            "model_data": {"arch": "llama", "model_name": run.base_model, "tokenizer_id": run.base_model},
+            "is_lora": True,
+            "lora_rank": run.lora_rank,
+            "model_name": run.base_model,
+            "max_context_length": engine.max_context,
+        }
+
+    @r.post("/forward_backward")
+    async def forward_backward(request: Request) -> dict:
+        if request.headers.get("content-encoding"):
+            raise BadRequest(f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
+        body = await request.body()
+        if PROTOBUF not in request.headers.get("content-type", ""):
+            raise BadRequest("forward_backward expects a protobuf body (Content-Type: application/x-protobuf)")
+        msg = wire.parse_forward_backward(body)
+        datums = wire.datums_from_proto(msg)
+        config = wire.loss_config(msg)
+        entry = service.forward_backward(msg.model_id, msg.seq_id, datums, msg.loss_fn, config, msg.forward_only)
+        return promise(entry, msg.model_id)
+
+    @r.post("/optim_step")
+    async def optim_step(request: Request) -> dict:
+        req = parse(T.OptimStepRequest, await json_body(request))
+        p = req.optim_params
+        if not isinstance(p, T.AdamParams):
+            raise BadRequest(f"optimizer params {type(p).__name__} are not supported; use adam_params")
+        params = AdamParams(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
+        return promise(service.optim_step(req.model_id, req.seq_id, params), req.model_id)
+
+    @r.post("/save_weights")
+    async def save_weights(request: Request) -> dict:
+        req = parse(T.SaveWeightsRequest, await json_body(request))
+        entry = service.save_checkpoint(
+            req.model_id, req.seq_id, req.path, "weights", req.ttl_seconds, bool(req.overwrite), req.user_metadata
+        )
+        return promise(entry, req.model_id)
+
+    @r.post("/save_weights_for_sampler")
+    async def save_weights_for_sampler(request: Request) -> dict:
+        req = parse(T.SaveWeightsForSamplerRequest, await json_body(request))
+        session = None
+        if req.path is None:
+            if req.sampling_session_seq_id is None:
+                raise BadRequest("save_weights_for_sampler needs path or sampling_session_seq_id")
+            session = (service._model(req.model_id).session_id, req.sampling_session_seq_id)
+        entry = service.save_checkpoint(
+            req.model_id, req.seq_id, req.path, "sampler_weights", req.ttl_seconds, True, req.user_metadata,
+            sampler_session=session,
+        )
+        return promise(entry, req.model_id)
+
+    @r.post("/save_weights_external")
+    async def save_weights_external(request: Request) -> dict:
+        req = parse(T.SaveWeightsExternalRequest, await json_body(request))
+        if req.age_encryption_recipients:
+            raise BadRequest("age_encryption_recipients is not supported by this server")
+        entry = service.save_checkpoint(req.model_id, req.seq_id, req.path, "external_weights", req.ttl_seconds, True)
+        return promise(entry, req.model_id)
+
+    @r.post("/load_weights")
+    async def load_weights(request: Request) -> dict:
+        req = parse(T.LoadWeightsRequest, await json_body(request))
+        model_id, entry = service.load_weights(
+            req.path, req.optimizer, model_id=req.model_id, seq_id=req.seq_id, session_id=req.session_id,
+            model_seq_id=req.model_seq_id, user_metadata=req.user_metadata,
+        )
+        return promise(entry, model_id)
+
+    # -- sampling ------------------------------------------------------------------------
+
+    @r.post("/create_sampling_session")
+    async def create_sampling_session(request: Request) -> dict:
+        req = parse(T.CreateSamplingSessionRequest, await json_body(request))
+        sampler_id = service.create_sampling_session(req.session_id, req.sampling_session_seq_id, req.base_model, req.model_path)
+        return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
+
+    @r.get("/samplers/{sampler_id}")
+    async def get_sampler(sampler_id: str) -> dict:
+        row = service.get_sampler(sampler_id)
+        out = {"sampler_id": row.id, "base_model": row.base_model}
+        if row.model_path:
+            out["model_path"] = row.model_path
+        return out
+
+    @r.post("/asample")
+    async def asample(request: Request) -> dict:
+        req = parse(T.SampleRequest, await json_body(request))
+        if req.sampling_session_id is None:
+            raise BadRequest("asample needs sampling_session_id")
+        if not (1 <= req.num_samples <= MAX_SAMPLES_PER_REQUEST):
+            raise BadRequest(f"num_samples must be between 1 and {MAX_SAMPLES_PER_REQUEST}, got {req.num_samples}")
+        if req.target_prompt_logprobs is not None or req.prompt_alt_tokens_k:
+            raise BadRequest("target_prompt_logprobs and prompt_alt_tokens_k are not supported by this server")
+        state = service.samplers.get(req.sampling_session_id)
+        if state is None:
+            raise NotFound(f"unknown sampling session {req.sampling_session_id!r}")
+        engine = service.engine_for(state.base_model)
+        prompt = model_input_tokens(req.prompt, "prompt")
+        params = to_sampling_params(req.sampling_params, max(0, engine.max_context - len(prompt)))
+        if req.topk_prompt_logprobs < 0 or req.topk_sample_logprobs < 0:
+            raise BadRequest("topk_prompt_logprobs and topk_sample_logprobs must be >= 0")
+        sample_req = SampleRequest(
+            prompt=prompt,
+            num_samples=req.num_samples,
+            params=params,
+            prompt_logprobs=bool(req.prompt_logprobs),
+            topk_prompt_logprobs=req.topk_prompt_logprobs,
+            topk_sample_logprobs=req.topk_sample_logprobs,
+            prompt_logprobs_last_n=req.prompt_logprobs_last_n,
+        )
+        entry, sequence_ids = service.sample(req.sampling_session_id, req.seq_id, sample_req)
+        return promise(entry, sample_sequence_ids=sequence_ids)
+
+    # -- futures -------------------------------------------------------------------------
+
+    @r.post("/retrieve_future")
+    async def retrieve_future(request: Request) -> Response:
+        req = parse(T.FutureRetrieveRequest, await json_body(request))
+        entry = service.futures.get(req.request_id)
+        if entry is None:
+            return JSONResponse(
+                {"error": f"unknown request {req.request_id!r}: it never existed or the server restarted while it ran",
+                 "category": "server"}
+            )
+        if not await service.futures.wait(entry, hold_seconds):
+            return JSONResponse({"type": "try_again", "request_id": entry.request_id, "queue_state": "active"})
+        if entry.failure is not None:
+            return JSONResponse({"error": entry.failure.message, "category": entry.failure.category})
+        if entry.kind in ("fwdbwd", "sample"):
+            if entry.wire_cache is None:
+                encode = wire.forward_backward_output if entry.kind == "fwdbwd" else wire.sample_response
+                entry.wire_cache = encode(entry.result)
+            return Response(entry.wire_cache, media_type=PROTOBUF)
+        return JSONResponse(entry.result if entry.result is not None else {})
+
+    return r

@@ -1,0 +1,155 @@
+"""Wire conversions: the SDK's protobuf and JSON shapes ⇄ engine-level values.
+
+The schema is the SDK's own (`tinker.proto.tinker_public_pb2`, `tinker.types`); this
+module only maps it onto numpy arrays and the engine's dataclasses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tinker.proto import tinker_public_pb2 as pb
+
+from tinkerd.engine.types import Datum, SampleResult, TrainResult
+
+
+class WireError(ValueError):
+    """The body does not describe a valid request; the message names the field."""
+
+
+_NP_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
+
+
+def tensor_to_numpy(msg: pb.Tensor, what: str) -> np.ndarray:
+    np_dtype = _NP_DTYPES.get(msg.dtype)
+    if msg.dtype == pb.DTYPE_BFLOAT16:
+        raw = np.frombuffer(msg.dense, dtype=np.uint16)
+        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(list(msg.shape) or [-1])
+    if np_dtype is None:
+        raise WireError(f"{what}: unsupported dtype {msg.dtype}")
+    shape = list(msg.shape)
+    if msg.HasField("sparse_csr"):
+        if len(shape) != 2:
+            raise WireError(f"{what}: a sparse CSR tensor needs a 2-D shape, got {shape}")
+        values = np.frombuffer(msg.sparse_csr.values, dtype=np_dtype)
+        crow = np.frombuffer(msg.sparse_csr.crow_indices, dtype=np.int64)
+        col = np.frombuffer(msg.sparse_csr.col_indices, dtype=np.int64)
+        rows, cols = shape
+        if len(crow) != rows + 1 or len(col) != len(values) or (len(col) and (col.min() < 0 or col.max() >= cols)):
+            raise WireError(f"{what}: inconsistent sparse CSR indices for shape {shape}")
+        dense = np.zeros(shape, dtype=np_dtype)  # pad value 0 for loss_fn_inputs
+        row_index = np.repeat(np.arange(rows), np.diff(crow))
+        dense[row_index, col] = values
+        return dense
+    arr = np.frombuffer(msg.dense, dtype=np_dtype)
+    if shape:
+        if int(np.prod(shape)) != arr.size:
+            raise WireError(f"{what}: {arr.size} values do not fill shape {shape}")
+        arr = arr.reshape(shape)
+    return arr
+
+
+def chunks_to_tokens(chunks, what: str) -> np.ndarray:
+    parts = []
+    for chunk in chunks:
+        which = chunk.WhichOneof("chunk") if hasattr(chunk, "WhichOneof") else None
+        if which != "encoded_text":
+            raise WireError(f"{what}: only encoded_text chunks are supported by this model (got {which})")
+        parts.append(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).astype(np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def loss_config(msg: pb.ForwardBackwardRequest) -> dict[str, float | str]:
+    config: dict[str, float | str] = {k: float(v) for k, v in msg.loss_fn_config.items()}
+    for key, value in msg.loss_fn_config_v2.items():
+        config[key] = value.text if value.WhichOneof("value") == "text" else float(value.number)
+    return config
+
+
+def parse_forward_backward(body: bytes) -> pb.ForwardBackwardRequest:
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise WireError(f"malformed protobuf ForwardBackwardRequest: {exc}") from None
+    if not msg.model_id:
+        raise WireError("ForwardBackwardRequest.model_id is missing")
+    return msg
+
+
+def datums_from_proto(msg: pb.ForwardBackwardRequest) -> list[Datum]:
+    datums = []
+    for i, d in enumerate(msg.data):
+        tokens = chunks_to_tokens(d.model_input, f"data[{i}].model_input")
+        inputs = {}
+        for name, tensor in d.loss_fn_inputs.items():
+            arr = tensor_to_numpy(tensor, f"data[{i}].loss_fn_inputs[{name!r}]")
+            inputs[name] = arr.astype(np.int64) if name == "target_tokens" else arr.astype(np.float32)
+        datums.append(Datum(tokens=tokens, inputs=inputs))
+    return datums
+
+
+def _batched(arrays: list[np.ndarray], dtype: int, np_dtype) -> pb.BatchedTensor:
+    bt = pb.BatchedTensor()
+    bt.dtype = dtype
+    flat = [np.ascontiguousarray(a, dtype=np_dtype) for a in arrays]
+    offsets = np.zeros(len(flat) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([a.nbytes for a in flat])
+    bt.data = b"".join(a.tobytes() for a in flat)
+    bt.offsets = offsets.tobytes()
+    trailing = list(arrays[0].shape[1:]) if arrays else []
+    bt.trailing_shape.extend(trailing)
+    return bt
+
+
+def forward_backward_output(result: TrainResult) -> bytes:
+    out = pb.ForwardBackwardOutput()
+    out.loss_fn_output_type = "ArrayRecord"
+    # One ArrayRecord per run of datums whose per-field trailing shapes agree.
+    groups: list[list[dict[str, np.ndarray]]] = []
+    for datum in result.outputs:
+        sig = tuple(sorted((k, v.shape[1:]) for k, v in datum.items()))
+        if groups and tuple(sorted((k, v.shape[1:]) for k, v in groups[-1][0].items())) == sig:
+            groups[-1].append(datum)
+        else:
+            groups.append([datum])
+    for group in groups:
+        record = out.loss_fn_outputs.add()
+        record.type_tag = "ArrayRecord"
+        record.num_datums = len(group)
+        for name in group[0]:
+            record.fields[name].CopyFrom(_batched([d[name] for d in group], pb.DTYPE_FLOAT32, np.float32))
+    for key, value in result.metrics.items():
+        out.metrics[key] = float(value)
+    return out.SerializeToString()
+
+
+def _topk(ids: list[list[int]], lps: list[list[float]]) -> pb.TopkLogprobs:
+    msg = pb.TopkLogprobs()
+    arr_ids = np.asarray(ids, dtype=np.int32)
+    arr_lps = np.asarray(lps, dtype=np.float32)
+    msg.length, msg.k = arr_ids.shape
+    msg.token_ids = arr_ids.tobytes()
+    msg.logprobs = arr_lps.tobytes()
+    return msg
+
+
+def sample_response(result: SampleResult) -> bytes:
+    out = pb.SampleResponse()
+    for seq in result.sequences:
+        s = out.sequences.add()
+        s.stop_reason = pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH
+        s.tokens = np.asarray(seq.tokens, dtype=np.int32).tobytes()
+        s.logprobs = np.asarray(seq.logprobs, dtype=np.float32).tobytes()
+        if seq.topk_ids:
+            s.topk_sampled_logprobs.CopyFrom(_topk(seq.topk_ids, seq.topk_logprobs or []))
+    if result.prompt_logprobs is not None:
+        out.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype=np.float32).tobytes()
+    if result.topk_prompt_ids is not None:
+        out.topk_prompt_logprobs.CopyFrom(_topk(result.topk_prompt_ids, result.topk_prompt_logprobs or []))
+    return out.SerializeToString()
+
+
+def finite_or_none(values: list[float]) -> list[float | None]:
+    return [None if (v is None or math.isnan(v)) else v for v in values]

@@ -1,0 +1,83 @@
+"""The `tinkerd` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tinkerd.config import default_data_dir
+from tinkerd.model_store import DEFAULT_MODEL
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tinkerd.api.app import create_app
+    from tinkerd.core.service import Service
+    from tinkerd.engine.engine import Engine
+    from tinkerd.model_store import resolve_model, seed_hf_cache
+
+    data_dir = Path(args.data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    engines = {}
+    for name in args.model or [DEFAULT_MODEL]:
+        source = resolve_model(name, data_dir)
+        if args.seed_hf_cache:
+            seed_hf_cache(source)
+        logging.info("loading %s from %s", source.name, source.path)
+        engines[source.name] = Engine(source.name, source.path, device=args.device)
+    service = Service(data_dir, engines, session_timeout=args.session_timeout)
+    keys = set(args.api_key) if args.api_key else None
+    app = create_app(service, hold_seconds=args.long_poll_seconds, api_keys=keys)
+    print(f"tinkerd serving {', '.join(engines)} on http://{args.host}:{args.port} (data: {data_dir})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=75)
+    return 0
+
+
+def _import_model(args: argparse.Namespace) -> int:
+    from tinkerd.model_store import resolve_model, seed_hf_cache
+
+    source = resolve_model(args.model, Path(args.data_dir).expanduser())
+    seed_hf_cache(source)
+    print(source.path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinkerd", description="A self-hosted server for the Tinker fine-tuning API.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the Tinker API and the OpenAI-compatible API")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--data-dir", default=str(default_data_dir()),
+                       help="state directory: models, checkpoints, metadata (default: $TINKERD_DATA_DIR or ~/.local/share/tinkerd)")
+    serve.add_argument("--model", action="append",
+                       help=f"base model to serve: a local HF directory or a hub id; repeatable (default: {DEFAULT_MODEL})")
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.add_argument("--session-timeout", type=float, default=120.0,
+                       help="seconds without heartbeat before a session's in-memory state is freed (default: 120)")
+    serve.add_argument("--long-poll-seconds", type=float, default=25.0, help="how long retrieve_future holds (default: 25)")
+    serve.add_argument("--api-key", action="append", help="accept only these keys (default: any tml- key); repeatable")
+    serve.add_argument("--no-seed-hf-cache", dest="seed_hf_cache", action="store_false",
+                       help="do not add the default model's tokenizer to the local Hugging Face cache")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_serve)
+
+    imp = sub.add_parser("import-model", help="import (and cache) a base model without serving")
+    imp.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    imp.add_argument("--data-dir", default=str(default_data_dir()))
+    imp.set_defaults(func=_import_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

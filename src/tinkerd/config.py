@@ -1,0 +1,13 @@
+"""Where tinkerd keeps its state."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def default_data_dir() -> Path:
+    if os.environ.get("TINKERD_DATA_DIR"):
+        return Path(os.environ["TINKERD_DATA_DIR"]).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tinkerd"

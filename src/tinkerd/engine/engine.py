@@ -1,0 +1,577 @@
+"""The engine for one base model: training ops, sampling, and the scheduler loop.
+
+Everything that touches tensors runs on one worker thread. Its loop interleaves the
+two kinds of work:
+  * queued jobs (create adapter, forward/backward, optimizer step, save, load) run one at
+    a time, in submission order — the core layer submits each model's requests in
+    `seq_id` order, so per-model order holds;
+  * sampling is continuous batching: new requests are prefilled and join the running
+    batch, every active sequence advances one token per decode step, finished ones leave.
+A training job runs between two decode steps, so sampling continues while models train.
+
+Callers get `concurrent.futures.Future`s; nothing here knows about HTTP or the SDK.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinkerd.engine import losses
+from tinkerd.engine.lora_io import read_checkpoint_dir, read_optimizer, write_checkpoint_dir
+from tinkerd.engine.model import (
+    AdapterBatch,
+    AdapterSegment,
+    KVCache,
+    LlamaModel,
+    LoraWeights,
+    init_lora,
+    lora_module_paths,
+)
+from tinkerd.engine.sampling import choose_token, make_generator
+from tinkerd.engine.types import (
+    AdamParams,
+    AdapterRef,
+    Datum,
+    LoraSpec,
+    SampledSequence,
+    SampleRequest,
+    SampleResult,
+    TrainResult,
+    UserInputError,
+)
+
+log = logging.getLogger(__name__)
+
+TOKENS_PER_TRAIN_PASS = 4096  # caps activation memory of one forward/backward pass
+
+
+@dataclass
+class TrainableAdapter:
+    spec: LoraSpec
+    weights: LoraWeights
+    optimizer: torch.optim.AdamW
+    params: dict[str, torch.nn.Parameter]
+
+
+@dataclass
+class _Row:
+    request: _ActiveSample
+    index: int
+    generator: torch.Generator
+    position: int  # where the next input token goes
+    last_token: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    topk_ids: list[list[int]] = field(default_factory=list)
+    topk_lps: list[list[float]] = field(default_factory=list)
+    done: bool = False
+
+
+@dataclass
+class _ActiveSample:
+    request: SampleRequest
+    future: Future
+    adapter: LoraWeights | None
+    result: SampleResult
+    remaining: int
+
+
+class Engine:
+    def __init__(self, name: str, model_dir: Path, device: str | None = None, sampler_cache_size: int = 64):
+        self.name = name
+        self.model_dir = model_dir
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.model = LlamaModel.load(model_dir, self.device, self.dtype)
+        self.cfg = self.model.cfg
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self.adapters: dict[str, TrainableAdapter] = {}
+        self._sampler_cache: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._sampler_cache_size = sampler_cache_size
+        self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._new_samples: deque[tuple[SampleRequest, Future]] = deque()
+        self._rows: list[_Row] = []
+        self._cache: KVCache | None = None
+        self._cv = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def max_context(self) -> int:
+        return self.cfg.max_position_embeddings
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size
+
+    # -- submission (any thread) -----------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        future: Future = Future()
+        with self._cv:
+            self._jobs.append((lambda: fn(*args, **kwargs), future))
+            self._cv.notify()
+        return future
+
+    def sample(self, request: SampleRequest) -> Future:
+        future: Future = Future()
+        with self._cv:
+            self._new_samples.append((request, future))
+            self._cv.notify()
+        return future
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # -- worker loop -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not (self._stopped or self._jobs or self._new_samples or self._rows):
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                job = self._jobs.popleft() if self._jobs else None
+                new_samples = list(self._new_samples)
+                self._new_samples.clear()
+            if job is not None:
+                fn, future = job
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                        if not isinstance(exc, (UserInputError, losses.LossInputError)):
+                            log.exception("engine job failed")
+                        future.set_exception(exc)
+            for request, future in new_samples:
+                try:
+                    self._admit(request, future)
+                except BaseException as exc:  # noqa: BLE001
+                    if not isinstance(exc, UserInputError):
+                        log.exception("sample admission failed")
+                    future.set_exception(exc)
+            if self._rows:
+                try:
+                    self._decode_step()
+                except BaseException as exc:  # noqa: BLE001 - fail every active request, keep serving
+                    log.exception("decode step failed")
+                    for row in self._rows:
+                        if not row.request.future.done():
+                            row.request.future.set_exception(exc)
+                    self._rows.clear()
+
+    # -- validation ------------------------------------------------------------------------
+
+    def check_tokens(self, tokens: list[int] | np.ndarray, what: str) -> None:
+        arr = np.asarray(tokens)
+        if arr.size == 0:
+            raise UserInputError(f"{what} is empty")
+        if arr.min() < 0 or arr.max() >= self.vocab_size:
+            bad = int(arr[(arr < 0) | (arr >= self.vocab_size)][0])
+            raise UserInputError(f"{what} contains token id {bad}, outside the vocabulary [0, {self.vocab_size})")
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def _new_trainable(self, spec: LoraSpec, weights: LoraWeights | None = None) -> TrainableAdapter:
+        if weights is None:
+            paths = lora_module_paths(self.cfg, spec.train_attn, spec.train_mlp, spec.train_unembed)
+            weights = init_lora(self.cfg, paths, spec.rank, spec.alpha, spec.seed, self.device)
+        params: dict[str, torch.nn.Parameter] = {}
+        for path in weights.a:
+            params[f"{path}.A"] = torch.nn.Parameter(weights.a[path].float().clone())
+            params[f"{path}.B"] = torch.nn.Parameter(weights.b[path].float().clone())
+            weights.a[path] = params[f"{path}.A"]
+            weights.b[path] = params[f"{path}.B"]
+        optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        return TrainableAdapter(spec=spec, weights=weights, optimizer=optimizer, params=params)
+
+    def create_adapter(self, adapter_id: str, spec: LoraSpec) -> None:
+        if spec.rank < 1:
+            raise UserInputError(f"lora rank must be >= 1, got {spec.rank}")
+        if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
+            raise UserInputError("at least one of train_attn, train_mlp, train_unembed must be true")
+        self.adapters[adapter_id] = self._new_trainable(spec)
+
+    def drop_adapter(self, adapter_id: str) -> None:
+        self.adapters.pop(adapter_id, None)
+
+    def _adapter(self, adapter_id: str) -> TrainableAdapter:
+        try:
+            return self.adapters[adapter_id]
+        except KeyError:
+            raise UserInputError(f"model {adapter_id!r} is not loaded") from None
+
+    def save_adapter(
+        self, adapter_id: str, directory: Path, with_optimizer: bool, sampler_key: str | None = None
+    ) -> int:
+        """Write the adapter (and optionally its optimizer) to `directory`; returns bytes written.
+
+        With `sampler_key`, the snapshot also goes straight into the sampler cache so the
+        first sample of a fresh checkpoint does not wait for a disk read.
+        """
+        adapter = self._adapter(adapter_id)
+        spec = adapter.spec
+        opt_tensors = opt_meta = None
+        if with_optimizer:
+            opt_tensors, opt_meta = self._optimizer_tensors(adapter)
+        extra = {"train_attn": spec.train_attn, "train_mlp": spec.train_mlp, "train_unembed": spec.train_unembed, "seed": spec.seed}
+        size = write_checkpoint_dir(directory, adapter.weights, spec.rank, spec.alpha, self.name, extra, opt_tensors, opt_meta)
+        if sampler_key is not None:
+            self._cache_put(sampler_key, self._snapshot(adapter.weights))
+        return size
+
+    @staticmethod
+    def _snapshot(weights: LoraWeights) -> LoraWeights:
+        return LoraWeights(
+            a={k: v.detach().clone() for k, v in weights.a.items()},
+            b={k: v.detach().clone() for k, v in weights.b.items()},
+            scale=weights.scale,
+        )
+
+    def _optimizer_tensors(self, adapter: TrainableAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors: dict[str, torch.Tensor] = {}
+        steps: dict[str, str] = {}
+        for name, param in adapter.params.items():
+            state = adapter.optimizer.state.get(param)
+            if not state:
+                continue
+            tensors[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
+            tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+            steps[name] = str(float(state["step"]))
+        import json
+
+        return tensors, {"steps": json.dumps(steps)}
+
+    def load_adapter(self, adapter_id: str, directory: Path, with_optimizer: bool) -> LoraSpec:
+        """Create (or replace) a trainable adapter from a checkpoint directory."""
+        config, weights = read_checkpoint_dir(directory, self.device)
+        extra = config.get("tinkerd", {})
+        paths = list(weights.a)
+        spec = LoraSpec(
+            rank=int(config["r"]),
+            train_attn=extra.get("train_attn", any(".self_attn." in p for p in paths)),
+            train_mlp=extra.get("train_mlp", any(".mlp." in p for p in paths)),
+            train_unembed=extra.get("train_unembed", "lm_head" in paths),
+            seed=int(extra.get("seed", 0)),
+            alpha=float(config["lora_alpha"]),
+        )
+        expected = set(lora_module_paths(self.cfg, spec.train_attn, spec.train_mlp, spec.train_unembed))
+        unknown = set(paths) - set(self.cfg_paths_all())
+        if unknown:
+            raise UserInputError(f"checkpoint has LoRA weights for modules this model does not have: {sorted(unknown)[:3]}")
+        for path in expected - set(paths):
+            # A PEFT adapter may target a subset of a flag's modules: train the rest from zero.
+            shape = self.cfg.lora_shapes()[path.rsplit(".", 1)[-1]]
+            weights.a[path] = torch.zeros(spec.rank, shape[0], device=self.device)
+            weights.b[path] = torch.zeros(shape[1], spec.rank, device=self.device)
+        adapter = self._new_trainable(spec, weights)
+        if with_optimizer:
+            loaded = read_optimizer(directory)
+            if loaded is None:
+                raise UserInputError(f"checkpoint {directory.name} has no optimizer state")
+            tensors, meta = loaded
+            import json
+
+            steps = json.loads(meta.get("steps", "{}"))
+            for name, param in adapter.params.items():
+                if f"{name}.exp_avg" in tensors:
+                    adapter.optimizer.state[param] = {
+                        "step": torch.tensor(float(steps.get(name, 0.0))),
+                        "exp_avg": tensors[f"{name}.exp_avg"].to(self.device),
+                        "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(self.device),
+                    }
+        self.adapters[adapter_id] = adapter
+        return spec
+
+    def cfg_paths_all(self) -> list[str]:
+        return lora_module_paths(self.cfg, True, True, True)
+
+    def _cache_put(self, key: str, weights: LoraWeights) -> None:
+        self._sampler_cache[key] = weights
+        self._sampler_cache.move_to_end(key)
+        while len(self._sampler_cache) > self._sampler_cache_size:
+            self._sampler_cache.popitem(last=False)
+
+    def _sampler_adapter(self, ref: AdapterRef | None) -> LoraWeights | None:
+        if ref is None:
+            return None
+        cached = self._sampler_cache.get(ref.key)
+        if cached is not None:
+            self._sampler_cache.move_to_end(ref.key)
+            return cached
+        _, weights = read_checkpoint_dir(ref.directory, self.device)
+        weights = LoraWeights(
+            a={k: v.to(self.dtype) for k, v in weights.a.items()},
+            b={k: v.to(self.dtype) for k, v in weights.b.items()},
+            scale=weights.scale,
+        )
+        self._cache_put(ref.key, weights)
+        return weights
+
+    # -- training --------------------------------------------------------------------------
+
+    def validate_datums(self, datums: list[Datum], loss_fn: str) -> None:
+        if not datums:
+            raise UserInputError("forward_backward needs at least one datum")
+        for i, datum in enumerate(datums):
+            n = len(datum.tokens)
+            self.check_tokens(datum.tokens, f"datum {i} model_input")
+            if n > self.max_context:
+                raise UserInputError(f"datum {i} has {n} tokens, more than the model's context length {self.max_context}")
+            targets = datum.inputs.get("target_tokens")
+            if targets is None:
+                raise UserInputError(f"datum {i} has no loss_fn_inputs['target_tokens']")
+            if targets.size and (targets.min() < 0 or targets.max() >= self.vocab_size):
+                raise UserInputError(f"datum {i} target_tokens contains an id outside the vocabulary [0, {self.vocab_size})")
+            try:
+                losses.validate_datum_inputs(
+                    loss_fn, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in datum.inputs.items()}, n
+                )
+            except losses.LossInputError as exc:
+                raise UserInputError(f"datum {i}: {exc}") from None
+
+    def forward_backward(
+        self, adapter_id: str, datums: list[Datum], loss_fn: str, config: dict, forward_only: bool
+    ) -> TrainResult:
+        adapter = self._adapter(adapter_id)
+        try:
+            config = losses.validate_loss_request(loss_fn, config)
+        except losses.LossInputError as exc:
+            raise UserInputError(str(exc)) from None
+        self.validate_datums(datums, loss_fn)
+        outputs: list[dict[str, np.ndarray]] = []
+        per_datum_metrics: list[dict[str, float]] = []
+        for group in _token_budget_groups(datums, TOKENS_PER_TRAIN_PASS):
+            outs, mets = self._forward_backward_group(adapter, group, loss_fn, config, forward_only)
+            outputs += outs
+            per_datum_metrics += mets
+        return TrainResult(outputs=outputs, metrics=losses.reduce_metrics(per_datum_metrics))
+
+    def _forward_backward_group(
+        self, adapter: TrainableAdapter, datums: list[Datum], loss_fn: str, config: dict, forward_only: bool
+    ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, float]]]:
+        lengths = [len(d.tokens) for d in datums]
+        tokens = torch.zeros(len(datums), max(lengths), dtype=torch.long)
+        for i, d in enumerate(datums):
+            tokens[i, : lengths[i]] = torch.from_numpy(d.tokens.astype(np.int64))
+        tokens = tokens.to(self.device)
+        outputs, metrics = [], []
+        with torch.set_grad_enabled(not forward_only):
+            batch = AdapterBatch.single(adapter.weights, len(datums))
+            hidden = self.model.hidden_states(tokens, batch)
+            logits = self.model.logits(hidden, batch)
+            total = None
+            for i, d in enumerate(datums):
+                inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in d.inputs.items()}
+                target_lp = target_logprobs(logits[i, : lengths[i]], inputs["target_tokens"])
+                result = losses.compute_datum_loss(loss_fn, target_lp, inputs, config)
+                total = result.loss if total is None else total + result.loss
+                out = {"logprobs": target_lp.detach().float().cpu().numpy()}
+                out.update({k: v.detach().float().cpu().numpy() for k, v in result.extra_outputs.items()})
+                outputs.append(out)
+                metrics.append(result.metrics)
+            if not forward_only and total is not None and total.requires_grad:
+                total.backward()
+        return outputs, metrics
+
+    def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
+        adapter = self._adapter(adapter_id)
+        for name, value in (("learning_rate", params.learning_rate), ("eps", params.eps)):
+            if not np.isfinite(value) or value < 0:
+                raise UserInputError(f"adam_params.{name} must be a finite non-negative number, got {value}")
+        for group in adapter.optimizer.param_groups:
+            group["lr"] = params.learning_rate
+            group["betas"] = (params.beta1, params.beta2)
+            group["eps"] = params.eps
+            group["weight_decay"] = params.weight_decay
+        grads = [p.grad for p in adapter.params.values() if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()) if grads else 0.0
+        if params.grad_clip_norm > 0 and grads:
+            torch.nn.utils.clip_grad_norm_(list(adapter.params.values()), params.grad_clip_norm)
+        with torch.enable_grad():
+            adapter.optimizer.step()
+        adapter.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm:mean": grad_norm}
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def _admit(self, request: SampleRequest, future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        prompt = request.prompt
+        self.check_tokens(prompt, "prompt")
+        if len(prompt) >= self.max_context:
+            raise UserInputError(f"prompt has {len(prompt)} tokens; the model's context length is {self.max_context}")
+        params = request.params
+        params.max_tokens = max(0, min(params.max_tokens, self.max_context - len(prompt)))
+        adapter = self._sampler_adapter(request.adapter)
+        batch = AdapterBatch.single(adapter, 1)
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        tokens = torch.tensor([prompt], device=self.device)
+        hidden = self.model.hidden_states(tokens, batch, kv_out=kv)
+        want_prompt = request.prompt_logprobs or request.topk_prompt_logprobs > 0
+        logits = self.model.logits(hidden if want_prompt else hidden[:, -1:], batch)[0]
+        result = SampleResult(sequences=[])
+        if want_prompt:
+            lsm = torch.log_softmax(logits[:-1], dim=-1)
+            if request.prompt_logprobs:
+                got = lsm.gather(-1, tokens[0, 1:, None])[:, 0]
+                result.prompt_logprobs = [float("nan")] + got.cpu().tolist()
+                if request.prompt_logprobs_last_n is not None:
+                    cut = max(0, len(prompt) - request.prompt_logprobs_last_n)
+                    result.prompt_logprobs[:cut] = [float("nan")] * cut
+            k = request.topk_prompt_logprobs
+            if k > 0:
+                top = torch.topk(lsm, k, dim=-1)
+                result.topk_prompt_ids = [[0] * k] + top.indices.cpu().tolist()
+                result.topk_prompt_logprobs = [[-99999.0] * k] + top.values.cpu().tolist()
+        active = _ActiveSample(request, future, adapter, result, remaining=request.num_samples)
+        result.sequences = [None] * request.num_samples  # type: ignore[list-item]
+        last_logits = logits[-1]
+        if params.max_tokens == 0:
+            for i in range(request.num_samples):
+                result.sequences[i] = SampledSequence(tokens=[], logprobs=[], stop_reason="length")
+            future.set_result(result)
+            return
+        new_rows = []
+        for i in range(request.num_samples):
+            row = _Row(active, i, make_generator(params.seed, i, self.device), position=len(prompt), last_token=-1)
+            self._accept_token(row, last_logits)
+            if not row.done:
+                new_rows.append(row)
+        if new_rows:
+            self._place_rows(new_rows, kv, len(prompt), params.max_tokens)
+
+    def _place_rows(self, rows: list[_Row], kv: list, prompt_len: int, max_tokens: int) -> None:
+        need_rows = len(self._rows) + len(rows)
+        need_len = prompt_len + max_tokens + 1
+        if self._cache is None:
+            self._cache = KVCache(self.cfg, max(8, need_rows), max(256, need_len), self.device, self.dtype)
+        elif need_rows > self._cache.rows or need_len > self._cache.length:
+            self._cache = self._cache.grown(
+                max(need_rows, 2 * self._cache.rows if need_rows > self._cache.rows else 0),
+                max(need_len, 2 * self._cache.length if need_len > self._cache.length else 0),
+            )
+        start = len(self._rows)
+        for layer, (k, v) in enumerate(kv):
+            self._cache.k[layer, start : start + len(rows), :, :prompt_len] = k[0]
+            self._cache.v[layer, start : start + len(rows), :, :prompt_len] = v[0]
+        self._rows.extend(rows)
+
+    def _accept_token(self, row: _Row, logits: torch.Tensor) -> None:
+        """Choose the next token of `row` from its logits [V] and check stop conditions."""
+        req = row.request.request
+        params = req.params
+        token = choose_token(logits, params.temperature, params.top_k, params.top_p, row.generator)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        row.tokens.append(token)
+        row.logprobs.append(float(logprobs[token].item()))
+        if req.topk_sample_logprobs > 0:
+            top = torch.topk(logprobs, req.topk_sample_logprobs)
+            row.topk_ids.append(top.indices.cpu().tolist())
+            row.topk_lps.append(top.values.cpu().tolist())
+        if req.on_token is not None:
+            req.on_token(row.index, token, row.logprobs[-1])
+        row.last_token = token
+        stop = (not params.ignore_eos and token in self.cfg.eos_token_ids) or token in params.stop_token_ids
+        if not stop and params.stop_strings:
+            text = self.tokenizer.decode(row.tokens[-64:], skip_special_tokens=False)
+            stop = any(s in text for s in params.stop_strings)
+        if stop or len(row.tokens) >= params.max_tokens:
+            self._finish_row(row, "stop" if stop else "length")
+
+    def _finish_row(self, row: _Row, reason: str) -> None:
+        row.done = True
+        active = row.request
+        active.result.sequences[row.index] = SampledSequence(
+            tokens=row.tokens,
+            logprobs=row.logprobs,
+            stop_reason=reason,
+            topk_ids=row.topk_ids or None,
+            topk_logprobs=row.topk_lps or None,
+        )
+        active.remaining -= 1
+        if active.remaining == 0 and not active.future.done():
+            active.future.set_result(active.result)
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        n = len(rows)
+        tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
+        positions = torch.tensor([[r.position] for r in rows], device=self.device)
+        batch = _row_adapter_batch([r.request.adapter for r in rows], self.device)
+        hidden = self.model.hidden_states(tokens, batch, positions=positions, cache=self._cache)
+        logits = self.model.logits(hidden, batch)[:, 0]
+        for i, row in enumerate(rows):
+            row.position += 1
+            self._accept_token(row, logits[i])
+        # Compact: keep active rows at 0..m-1 by moving the last live row into each hole.
+        cache = self._cache
+        keep = [r for r in rows if not r.done]
+        if len(keep) != n:
+            slots = list(range(n))
+            live = [i for i in slots if not rows[i].done]
+            new_rows: list[_Row] = [rows[i] for i in live]
+            for dst, src in enumerate(live):
+                if dst != src:
+                    cache.move_row(src, dst)
+            self._rows = new_rows
+
+
+def _row_adapter_batch(adapters: list[LoraWeights | None], device: torch.device) -> AdapterBatch:
+    """Group decode rows by adapter (rows of one adapter need not be contiguous)."""
+    if all(a is adapters[0] for a in adapters):
+        return AdapterBatch.single(adapters[0], len(adapters))
+    groups: dict[int, tuple[LoraWeights | None, list[int]]] = {}
+    for i, a in enumerate(adapters):
+        groups.setdefault(id(a), (a, []))[1].append(i)
+    return AdapterBatch(
+        [AdapterSegment(0, 0, a, rows=torch.tensor(idx, device=device)) for a, idx in groups.values()]
+    )
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[target] for targets of shape [N] or [N, K], in fp32."""
+    lse = torch.logsumexp(logits, dim=-1)
+    flat = targets.reshape(targets.shape[0], -1).long()
+    picked = logits.gather(-1, flat) - lse[:, None]
+    return picked.reshape(targets.shape)
+
+
+def _token_budget_groups(datums: list[Datum], budget: int) -> list[list[Datum]]:
+    groups: list[list[Datum]] = [[]]
+    longest = 0
+    for d in datums:
+        longest_next = max(longest, len(d.tokens))
+        if groups[-1] and longest_next * (len(groups[-1]) + 1) > budget:
+            groups.append([])
+            longest_next = len(d.tokens)
+        groups[-1].append(d)
+        longest = longest_next
+    return groups
+
+
+
+
+
+def now() -> float:
+    return time.time()

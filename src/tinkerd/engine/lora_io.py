@@ -1,0 +1,133 @@
+"""LoRA adapters on disk in PEFT layout (adapter_config.json + adapter_model.safetensors).
+
+`peft.PeftModel.from_pretrained(base, dir)` and vLLM load these directories as they are.
+Optimizer state, when saved, sits beside them in `optimizer.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tinkerd.engine.model import LoraWeights
+
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint directory that is missing, incomplete or corrupt."""
+
+
+def peft_key(path: str, which: str) -> str:
+    return f"base_model.model.{path}.lora_{which}.weight"
+
+
+def _module_path(key: str) -> tuple[str, str]:
+    body = key.removeprefix("base_model.model.")
+    path, which, _ = body.rsplit(".", 2)
+    return path, which.removeprefix("lora_")
+
+
+def adapter_tensors(weights: LoraWeights) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in weights.a:
+        tensors[peft_key(path, "A")] = weights.a[path].detach().float().cpu().contiguous()
+        tensors[peft_key(path, "B")] = weights.b[path].detach().float().cpu().contiguous()
+    return tensors
+
+
+def peft_config(rank: int, alpha: float, paths: list[str], base_model: str) -> dict:
+    targets = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": targets,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+
+
+def write_checkpoint_dir(
+    target: Path,
+    weights: LoraWeights,
+    rank: int,
+    alpha: float,
+    base_model: str,
+    extra_config: dict | None = None,
+    optimizer_tensors: dict[str, torch.Tensor] | None = None,
+    optimizer_meta: dict[str, str] | None = None,
+) -> int:
+    """Write atomically: into a sibling temp dir, fsync, then rename. Returns total bytes."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        config = peft_config(rank, alpha, list(weights.a), base_model)
+        config["tinkerd"] = extra_config or {}
+        save_file(adapter_tensors(weights), str(tmp / ADAPTER_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if optimizer_tensors is not None:
+            save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata=optimizer_meta or {})
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sum(f.stat().st_size for f in target.iterdir())
+
+
+def read_adapter_config(directory: Path) -> dict:
+    try:
+        return json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointFileError(f"checkpoint {directory.name}: cannot read {CONFIG_FILE} ({exc})") from exc
+
+
+def read_checkpoint_dir(directory: Path, device: torch.device) -> tuple[dict, LoraWeights]:
+    config = read_adapter_config(directory)
+    try:
+        tensors = load_file(str(directory / ADAPTER_FILE))
+    except Exception as exc:  # safetensors raises several types for truncated/corrupt files
+        raise CheckpointFileError(f"checkpoint {directory.name}: cannot read {ADAPTER_FILE} ({exc})") from exc
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        path, which = _module_path(key)
+        (a if which == "A" else b)[path] = tensor.float().to(device)
+    if set(a) != set(b) or not a:
+        raise CheckpointFileError(f"checkpoint {directory.name}: incomplete LoRA tensors")
+    rank = int(config["r"])
+    return config, LoraWeights(a=a, b=b, scale=float(config["lora_alpha"]) / rank)
+
+
+def read_optimizer(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    f = directory / OPTIMIZER_FILE
+    if not f.exists():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    except Exception as exc:
+        raise CheckpointFileError(f"checkpoint {directory.name}: cannot read {OPTIMIZER_FILE} ({exc})") from exc
+    return tensors, meta

@@ -1,0 +1,351 @@
+"""A Llama-family decoder with multi-adapter LoRA and a slot-based KV cache.
+
+One frozen base model is shared by every tenant. LoRA adapters are not baked into the
+weights: each projection adds the low-rank update of the adapter that owns each batch
+row (rows are grouped into contiguous segments per adapter), so one forward pass can
+mix rows of many adapters — for training and for sampling alike.
+
+The weight names follow Hugging Face's `LlamaForCausalLM` so checkpoints load as they
+are and LoRA module names match PEFT's (`model.layers.3.self_attn.q_proj`, `lm_head`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class UnsupportedModelError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool = False
+    eos_token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_hf(cls, cfg: dict, generation_cfg: dict | None = None) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise UnsupportedModelError(
+                f"architecture {archs} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise UnsupportedModelError(f"rope type {rope.get('rope_type')!r} is not supported")
+        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        num_heads = cfg["num_attention_heads"]
+        eos: list[int] = []
+        for source in (cfg, generation_cfg or {}):
+            value = source.get("eos_token_id")
+            if isinstance(value, int):
+                value = [value]
+            for token in value or []:
+                if token not in eos:
+                    eos.append(token)
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads", num_heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", "Qwen2" in "".join(archs)),
+            eos_token_ids=tuple(eos),
+        )
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of every projection LoRA can target, by short name."""
+        h, i = self.hidden_size, self.intermediate_size
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (h, q_out),
+            "k_proj": (h, kv_out),
+            "v_proj": (h, kv_out),
+            "o_proj": (q_out, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+            "lm_head": (h, self.vocab_size),
+        }
+
+
+@dataclass
+class LoraWeights:
+    """One adapter: A [r, in] and B [out, r] per module path, plus the LoRA scale alpha/r."""
+
+    a: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+    scale: float
+
+
+@dataclass
+class AdapterSegment:
+    start: int
+    end: int
+    adapter: LoraWeights | None
+    rows: torch.Tensor | None = None  # explicit row indices instead of start:end (inference only)
+
+
+@dataclass
+class AdapterBatch:
+    """Which adapter each batch row uses: contiguous row segments."""
+
+    segments: list[AdapterSegment] = field(default_factory=list)
+
+    @classmethod
+    def single(cls, adapter: LoraWeights | None, rows: int) -> AdapterBatch:
+        return cls([AdapterSegment(0, rows, adapter)])
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
+        """y (= x @ W.T) plus each row's adapter update for module `path`."""
+        if len(self.segments) == 1 and self.segments[0].rows is None:
+            adapter = self.segments[0].adapter
+            if adapter is None or path not in adapter.a:
+                return y
+            return y + _lora_delta(x, adapter, path)
+        if self.segments[0].rows is not None:
+            # Scattered rows: in-place updates, valid only without autograd (decode).
+            for seg in self.segments:
+                if seg.adapter is not None and path in seg.adapter.a:
+                    y[seg.rows] += _lora_delta(x[seg.rows], seg.adapter, path)
+            return y
+        parts = []
+        for seg in self.segments:
+            ys = y[seg.start : seg.end]
+            if seg.adapter is not None and path in seg.adapter.a:
+                ys = ys + _lora_delta(x[seg.start : seg.end], seg.adapter, path)
+            parts.append(ys)
+        return torch.cat(parts, dim=0)
+
+
+def _lora_delta(x: torch.Tensor, adapter: LoraWeights, path: str) -> torch.Tensor:
+    a = adapter.a[path].to(x.dtype)
+    b = adapter.b[path].to(x.dtype)
+    return (x @ a.t()) @ b.t() * adapter.scale
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Same order of operations as transformers' LlamaRMSNorm: normalise in fp32.
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class KVCache:
+    """Per-layer K/V for up to `rows` sequences of up to `length` tokens each.
+
+    Active sequences always occupy rows 0..n-1 (the engine compacts on removal), so a
+    decode step reads a slice, never a gather.
+    """
+
+    def __init__(self, cfg: ModelConfig, rows: int, length: int, device: torch.device, dtype: torch.dtype):
+        shape = (cfg.num_layers, rows, cfg.num_kv_heads, length, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
+    def grown(self, rows: int, length: int) -> KVCache:
+        """A larger cache holding this one's contents."""
+        cfg_shape = self.k.shape
+        new = KVCache.__new__(KVCache)
+        shape = (cfg_shape[0], max(rows, cfg_shape[1]), cfg_shape[2], max(length, cfg_shape[3]), cfg_shape[4])
+        new.k = torch.zeros(shape, device=self.k.device, dtype=self.k.dtype)
+        new.v = torch.zeros(shape, device=self.v.device, dtype=self.v.dtype)
+        new.k[:, : cfg_shape[1], :, : cfg_shape[3]] = self.k
+        new.v[:, : cfg_shape[1], :, : cfg_shape[3]] = self.v
+        return new
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+
+class LlamaModel(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        super().__init__()
+        self.cfg = cfg
+        self.w = weights  # plain dict: frozen, never part of autograd
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+        self.register_buffer("inv_freq", inv_freq.to(next(iter(weights.values())).device), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.w["model.embed_tokens.weight"].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.w["model.embed_tokens.weight"].dtype
+
+    @classmethod
+    def load(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+        cfg_dict = json.loads((model_dir / "config.json").read_text())
+        gen_path = model_dir / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.exists() else None
+        cfg = ModelConfig.from_hf(cfg_dict, gen)
+        weights: dict[str, torch.Tensor] = {}
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise UnsupportedModelError(f"no .safetensors weights in {model_dir}")
+        for f in files:
+            for name, tensor in load_file(str(f)).items():
+                weights[name] = tensor.to(device=device, dtype=dtype)
+        if "lm_head.weight" not in weights:
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        return cls(cfg, weights)
+
+    # -- building blocks ---------------------------------------------------------------
+
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D]
+
+    def _linear(self, x: torch.Tensor, path: str, adapters: AdapterBatch | None) -> torch.Tensor:
+        y = F.linear(x, self.w[path + ".weight"], self.w.get(path + ".bias"))
+        return adapters.apply(y, x, path) if adapters is not None else y
+
+    def _attention(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        adapters: AdapterBatch | None,
+        cache: KVCache | None,
+        positions: torch.Tensor | None,
+        kv_out: list | None,
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        bsz, seqlen, _ = x.shape
+        p = f"model.layers.{layer}.self_attn."
+        q = self._linear(x, p + "q_proj", adapters).view(bsz, seqlen, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        k = self._linear(x, p + "k_proj", adapters).view(bsz, seqlen, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = self._linear(x, p + "v_proj", adapters).view(bsz, seqlen, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        if cache is None:
+            if kv_out is not None:
+                kv_out.append((k, v))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
+        else:
+            # Decode: one new token per row at its own position; rows are 0..bsz-1.
+            rows = torch.arange(bsz, device=x.device)
+            pos = positions[:, 0]
+            cache.k[layer, rows, :, pos] = k[:, :, 0]
+            cache.v[layer, rows, :, pos] = v[:, :, 0]
+            span = int(pos.max().item()) + 1
+            keys = cache.k[layer, :bsz, :, :span]
+            values = cache.v[layer, :bsz, :, :span]
+            mask = torch.arange(span, device=x.device)[None, :] <= pos[:, None]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :], enable_gqa=True)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, cfg.num_heads * cfg.head_dim)
+        return self._linear(out, p + "o_proj", adapters)
+
+    def _mlp(self, layer: int, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
+        p = f"model.layers.{layer}.mlp."
+        gate = self._linear(x, p + "gate_proj", adapters)
+        up = self._linear(x, p + "up_proj", adapters)
+        return self._linear(F.silu(gate) * up, p + "down_proj", adapters)
+
+    # -- entry points --------------------------------------------------------------------
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        adapters: AdapterBatch | None = None,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        kv_out: list | None = None,
+    ) -> torch.Tensor:
+        """Final normed hidden states [B, T, H].
+
+        Without `cache`: a causal pass over right-padded rows starting at position 0
+        (training, scoring, prefill; `kv_out` collects each layer's K/V).
+        With `cache`: a decode step, `tokens` [B, 1] at `positions` [B, 1].
+        """
+        cfg = self.cfg
+        bsz, seqlen = tokens.shape
+        if positions is None:
+            positions = torch.arange(seqlen, device=tokens.device)[None, :].expand(bsz, seqlen)
+        x = F.embedding(tokens, self.w["model.embed_tokens.weight"])
+        cos, sin = self._rope(positions, x.dtype)
+        for layer in range(cfg.num_layers):
+            p = f"model.layers.{layer}."
+            h = _rms_norm(x, self.w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+            x = x + self._attention(layer, h, cos, sin, adapters, cache, positions, kv_out)
+            h = _rms_norm(x, self.w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            x = x + self._mlp(layer, h, adapters)
+        return _rms_norm(x, self.w["model.norm.weight"], cfg.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor, adapters: AdapterBatch | None = None) -> torch.Tensor:
+        """Unembedding in fp32 (logprobs are compared across sampler and trainer)."""
+        return self._linear(hidden, "lm_head", adapters).float()
+
+
+def lora_module_paths(cfg: ModelConfig, train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
+    paths = []
+    for layer in range(cfg.num_layers):
+        if train_attn:
+            paths += [f"model.layers.{layer}.self_attn.{m}" for m in ATTN_MODULES]
+        if train_mlp:
+            paths += [f"model.layers.{layer}.mlp.{m}" for m in MLP_MODULES]
+    if train_unembed:
+        paths.append("lm_head")
+    return paths
+
+
+def init_lora(
+    cfg: ModelConfig, paths: list[str], rank: int, alpha: float, seed: int, device: torch.device
+) -> LoraWeights:
+    """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a new adapter equals the base."""
+    shapes = cfg.lora_shapes()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for path in paths:
+        in_features, out_features = shapes[path.rsplit(".", 1)[-1]]
+        bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform with a=sqrt(5) on [r, in]
+        a[path] = ((torch.rand(rank, in_features, generator=gen) * 2 - 1) * bound).to(device)
+        b[path] = torch.zeros(out_features, rank, device=device)
+    return LoraWeights(a=a, b=b, scale=alpha / rank)
