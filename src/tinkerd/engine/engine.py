@@ -489,6 +489,8 @@ class Engine:
             top = torch.topk(logprobs, req.topk_sample_logprobs)
             row.topk_ids.append(top.indices.cpu().tolist())
             row.topk_lps.append(top.values.cpu().tolist())
+            if req.on_token_topk is not None:
+                req.on_token_topk(row.index, row.topk_ids[-1], row.topk_lps[-1])
         if req.on_token is not None:
             req.on_token(row.index, token, row.logprobs[-1])
         row.last_token = token
@@ -496,6 +498,8 @@ class Engine:
         if not stop and params.stop_strings:
             text = self.tokenizer.decode(row.tokens[-64:], skip_special_tokens=False)
             stop = any(s in text for s in params.stop_strings)
+        if not stop and req.is_cancelled is not None:
+            stop = req.is_cancelled(row.index)
         if stop or len(row.tokens) >= params.max_tokens:
             self._finish_row(row, "stop" if stop else "length")
 

@@ -95,5 +95,10 @@ class SampleRequest:
     topk_sample_logprobs: int = 0
     prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens
     on_token: Callable[[int, int, float], None] | None = None  # (sample_index, token, logprob), streaming
+    # Streaming extras: the new token's top-k (sample_index, ids, logprobs), called just before
+    # on_token when topk_sample_logprobs > 0; and a poll after each token — True ends that
+    # sample early with stop_reason "stop" (its client went away, or it hit a stop the caller found).
+    on_token_topk: Callable[[int, list[int], list[float]], None] | None = None
+    is_cancelled: Callable[[int], bool] | None = None
 
 
