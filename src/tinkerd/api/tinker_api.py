@@ -8,6 +8,8 @@ shared/spec/tinker-wire-protocol.md for the traps this file handles.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -91,6 +93,17 @@ def model_input_tokens(model_input: Any, what: str) -> list[int]:
             raise BadRequest(f"{what}: chunk type {getattr(chunk, 'type', '?')!r} is not supported by this text model")
         tokens.extend(int(t) for t in chunk.tokens)
     return tokens
+
+
+@contextmanager
+def consumes_seq(service: Service, model_id: str | None, seq_id: int | None) -> Iterator[None]:
+    """A training request refused at submission still uses up its seq_id (see Service.skip_seq)."""
+    try:
+        yield
+    except (BadRequest, NotFound, wire.WireError):
+        if model_id is not None:
+            service.skip_seq(model_id, seq_id)
+        raise
 
 
 def build_router(service: Service, hold_seconds: float) -> APIRouter:
@@ -180,57 +193,63 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
         if PROTOBUF not in request.headers.get("content-type", ""):
             raise BadRequest("forward_backward expects a protobuf body (Content-Type: application/x-protobuf)")
         msg = wire.parse_forward_backward(body)
-        datums = wire.datums_from_proto(msg)
-        config = wire.loss_config(msg)
-        entry = service.forward_backward(msg.model_id, msg.seq_id, datums, msg.loss_fn, config, msg.forward_only)
+        with consumes_seq(service, msg.model_id, msg.seq_id):
+            datums = wire.datums_from_proto(msg)
+            config = wire.loss_config(msg)
+            entry = service.forward_backward(msg.model_id, msg.seq_id, datums, msg.loss_fn, config, msg.forward_only)
         return promise(entry, msg.model_id)
 
     @r.post("/optim_step")
     async def optim_step(request: Request) -> dict:
         req = parse(T.OptimStepRequest, await json_body(request))
         p = req.optim_params
-        if not isinstance(p, T.AdamParams):
-            raise BadRequest(f"optimizer params {type(p).__name__} are not supported; use adam_params")
-        params = AdamParams(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
-        return promise(service.optim_step(req.model_id, req.seq_id, params), req.model_id)
+        with consumes_seq(service, req.model_id, req.seq_id):
+            if not isinstance(p, T.AdamParams):
+                raise BadRequest(f"optimizer params {type(p).__name__} are not supported; use adam_params")
+            params = AdamParams(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
+            return promise(service.optim_step(req.model_id, req.seq_id, params), req.model_id)
 
     @r.post("/save_weights")
     async def save_weights(request: Request) -> dict:
         req = parse(T.SaveWeightsRequest, await json_body(request))
-        entry = service.save_checkpoint(
-            req.model_id, req.seq_id, req.path, "weights", req.ttl_seconds, bool(req.overwrite), req.user_metadata
-        )
+        with consumes_seq(service, req.model_id, req.seq_id):
+            entry = service.save_checkpoint(
+                req.model_id, req.seq_id, req.path, "weights", req.ttl_seconds, bool(req.overwrite), req.user_metadata
+            )
         return promise(entry, req.model_id)
 
     @r.post("/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request) -> dict:
         req = parse(T.SaveWeightsForSamplerRequest, await json_body(request))
         session = None
-        if req.path is None:
-            if req.sampling_session_seq_id is None:
-                raise BadRequest("save_weights_for_sampler needs path or sampling_session_seq_id")
-            session = (service._model(req.model_id).session_id, req.sampling_session_seq_id)
-        entry = service.save_checkpoint(
-            req.model_id, req.seq_id, req.path, "sampler_weights", req.ttl_seconds, True, req.user_metadata,
-            sampler_session=session,
-        )
+        with consumes_seq(service, req.model_id, req.seq_id):
+            if req.path is None:
+                if req.sampling_session_seq_id is None:
+                    raise BadRequest("save_weights_for_sampler needs path or sampling_session_seq_id")
+                session = (service._model(req.model_id).session_id, req.sampling_session_seq_id)
+            entry = service.save_checkpoint(
+                req.model_id, req.seq_id, req.path, "sampler_weights", req.ttl_seconds, True, req.user_metadata,
+                sampler_session=session,
+            )
         return promise(entry, req.model_id)
 
     @r.post("/save_weights_external")
     async def save_weights_external(request: Request) -> dict:
         req = parse(T.SaveWeightsExternalRequest, await json_body(request))
-        if req.age_encryption_recipients:
-            raise BadRequest("age_encryption_recipients is not supported by this server")
-        entry = service.save_checkpoint(req.model_id, req.seq_id, req.path, "external_weights", req.ttl_seconds, True)
+        with consumes_seq(service, req.model_id, req.seq_id):
+            if req.age_encryption_recipients:
+                raise BadRequest("age_encryption_recipients is not supported by this server")
+            entry = service.save_checkpoint(req.model_id, req.seq_id, req.path, "external_weights", req.ttl_seconds, True)
         return promise(entry, req.model_id)
 
     @r.post("/load_weights")
     async def load_weights(request: Request) -> dict:
         req = parse(T.LoadWeightsRequest, await json_body(request))
-        model_id, entry = service.load_weights(
-            req.path, req.optimizer, model_id=req.model_id, seq_id=req.seq_id, session_id=req.session_id,
-            model_seq_id=req.model_seq_id, user_metadata=req.user_metadata,
-        )
+        with consumes_seq(service, req.model_id, req.seq_id):
+            model_id, entry = service.load_weights(
+                req.path, req.optimizer, model_id=req.model_id, seq_id=req.seq_id, session_id=req.session_id,
+                model_seq_id=req.model_seq_id, user_metadata=req.user_metadata,
+            )
         return promise(entry, model_id)
 
     # -- sampling ------------------------------------------------------------------------
