@@ -264,6 +264,17 @@ class Service:
             del state.seen[old]
         return entry
 
+    def skip_seq(self, model_id: str, seq_id: int | None) -> None:
+        """Consume a seq_id whose request was refused at submission.
+
+        The SDK numbers every request; if a refused one left a gap, every later request
+        of that training client would wait for it forever.
+        """
+        state = self.models.get(model_id)
+        if state is None or seq_id is None or seq_id in state.seen or seq_id < state.next_seq:
+            return
+        self.submit_ordered(model_id, seq_id, "skipped", lambda engine: None)
+
     # -- models ------------------------------------------------------------------------------
 
     def create_model(
