@@ -6,6 +6,7 @@ what the model says) and its sampler checkpoints are queried by path as the mode
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -425,3 +426,31 @@ def test_bad_input_through_the_sdk_and_the_server_keeps_serving(oai: OpenAI):
     assert info.value.body["param"] == "n"
     out = oai.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2)
     assert out.usage.completion_tokens >= 1
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_a_client_that_hangs_up_stops_its_generation(server):
+    """Abandoned requests (stream closed, or a client timeout) must not keep the engine busy."""
+    headers = {"Authorization": "Bearer tml-test"}
+    # Greedy counting does not reach EOS: 1000 tokens are > 20 s of engine time on this box.
+    body = {"model": MODEL_NAME, "prompt": "1, 2, 3, 4,", "max_tokens": 1000, "temperature": 0}
+    with httpx.stream("POST", server.base_url + "/v1/completions", json={**body, "stream": True}, headers=headers,
+                      timeout=60) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i >= 3:
+                break
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.base_url + "/v1/completions", json=body, headers=headers, timeout=1.0)
+    deadline = time.time() + 10
+    while True:  # the server goes quiet soon (a 1 s window with little CPU), long before 1000 tokens
+        before = _cpu_seconds(server.proc.pid)
+        time.sleep(1.0)
+        if _cpu_seconds(server.proc.pid) - before < 0.3:
+            break
+        assert time.time() < deadline, "the engine kept generating for clients that hung up"
+    out = httpx.post(server.base_url + "/v1/completions", json={**body, "max_tokens": 2}, headers=headers, timeout=60)
+    assert out.status_code == 200

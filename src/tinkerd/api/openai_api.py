@@ -22,7 +22,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ MAX_N = 128  # samples per prompt, as for the Tinker sampler
 MAX_CHOICES = 1024  # prompts x n in one request
 MAX_TOP_LOGPROBS = 20
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /completions; chat defaults to the rest of the context
+MAX_CHARS_PER_TOKEN = 64  # text longer than this many characters per context token cannot fit: refused before tokenizing
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -517,9 +518,32 @@ class Run:
                 choice.push(seq.tokens[j], seq.logprobs[j], _top(seq, j))
             choice.finish(seq.stop_reason)
 
-    async def run_to_end(self) -> None:
-        futures = [asyncio.wrap_future(self.plan.engine.sample(self.plan.sample_request(p))) for p in range(len(self.plan.prompts))]
-        for p, result in enumerate(await _gather_engine(futures)):
+    async def run_to_end(self, receive: Callable[[], Awaitable[dict]] | None = None) -> None:
+        """Sample everything; a client that hangs up meanwhile stops its rows in the engine.
+
+        `receive` is the request's ASGI receive, called after the body was read: it returns
+        http.disconnect when the client goes. (Request.is_disconnected() cannot see that
+        behind the app's BaseHTTPMiddleware, which swallows the message.)
+        """
+
+        def is_cancelled(_: int) -> bool:
+            return self.client_gone
+
+        futures = [
+            asyncio.wrap_future(self.plan.engine.sample(self.plan.sample_request(p, is_cancelled=is_cancelled)))
+            for p in range(len(self.plan.prompts))
+        ]
+        gathered = asyncio.ensure_future(_gather_engine(futures))
+        watch = asyncio.ensure_future(receive()) if receive is not None else None
+        try:
+            await asyncio.wait([gathered, watch] if watch is not None else [gathered], return_when=asyncio.FIRST_COMPLETED)
+            if watch is not None and watch.done() and not watch.cancelled() and watch.exception() is None:
+                self.client_gone = watch.result().get("type") == "http.disconnect"
+            await gathered
+        finally:
+            if watch is not None:
+                watch.cancel()
+        for p, result in enumerate(gathered.result()):
             self.complete(p, result)
 
     def start_streaming(self, queue: asyncio.Queue) -> None:
@@ -643,7 +667,7 @@ class OpenAIFrontDoor:
         engine, adapter = resolve_model(self.service, req.model)
         knobs = sampling_knobs(req)
         tokenizer = engine.tokenizer
-        prompts, prompt_texts = parse_prompt(req.prompt, tokenizer)
+        prompts, prompt_texts = parse_prompt(req.prompt, tokenizer, max_chars=MAX_CHARS_PER_TOKEN * engine.max_context)
         if len(prompts) * knobs["n"] > MAX_CHOICES:
             raise invalid("n", f"{len(prompts)} prompts x n={knobs['n']} is more than {MAX_CHOICES} choices in one request")
         if req.max_tokens is not None and req.max_tokens < 0:
@@ -671,7 +695,7 @@ class OpenAIFrontDoor:
         n = plan.n
 
         if not stream:
-            await run.run_to_end()
+            await run.run_to_end(request.receive)
             choices = []
             for c, choice in enumerate(run.choices):
                 text, tokens, finish = choice.take()
@@ -728,7 +752,7 @@ class OpenAIFrontDoor:
         if req.stream_options is not None and not stream:
             raise invalid("stream_options", "is only allowed when stream is true")
         tokenizer = engine.tokenizer
-        prompt = render_chat(req.messages, tokenizer)
+        prompt = render_chat(req.messages, tokenizer, max_chars=MAX_CHARS_PER_TOKEN * engine.max_context)
         check_lengths(engine, [prompt], max_tokens, "messages", tokens_param)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         plan = Plan(engine, adapter, [prompt], max_tokens=max_tokens, logprobs=logprobs, **knobs)
@@ -737,7 +761,7 @@ class OpenAIFrontDoor:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model, "system_fingerprint": None}
 
         if not stream:
-            await run.run_to_end()
+            await run.run_to_end(request.receive)
             choices = []
             for c, choice in enumerate(run.choices):
                 text, tokens, finish = choice.take()
@@ -830,9 +854,12 @@ def _is_token(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def parse_prompt(prompt: Any, tokenizer: Any) -> tuple[list[list[int]], list[str | None]]:
+def parse_prompt(prompt: Any, tokenizer: Any, max_chars: int) -> tuple[list[list[int]], list[str | None]]:
     """Token lists (and the original text, for echo) of a string, strings, token ids, or lists of them."""
     shapes = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
+    texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
+    if any(isinstance(t, str) and len(t) > max_chars for t in texts):
+        raise invalid("prompt", f"is longer than the model's context ({max(len(t) for t in texts if isinstance(t, str))} characters)")
     if isinstance(prompt, str):
         return [tokenizer.encode(prompt)], [prompt]
     if not isinstance(prompt, list) or not prompt:
@@ -873,11 +900,11 @@ def merge_logprobs(first: dict, second: dict) -> dict:
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def render_chat(messages: list[Any], tokenizer: Any) -> list[int]:
+def render_chat(messages: list[Any], tokenizer: Any, max_chars: int) -> list[int]:
     """Prompt tokens of a conversation, rendered with the base model's chat template."""
     if not messages:
         raise invalid("messages", "must contain at least one message")
-    conversation = []
+    conversation: list[dict[str, str]] = []
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -912,6 +939,8 @@ def render_chat(messages: list[Any], tokenizer: Any) -> list[int]:
         if isinstance(message.get("name"), str):
             entry["name"] = message["name"]
         conversation.append(entry)
+    if sum(len(m["content"]) for m in conversation) > max_chars:
+        raise invalid("messages", "are longer than the model's context")
     try:
         text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # noqa: BLE001 - a template's raise_exception, e.g. roles that must alternate
