@@ -217,7 +217,8 @@ def test_train_flags_choose_the_lora_targets(server, tokenizer):
         import json
         from pathlib import Path
 
-        directory = Path(server.data_dir) / "checkpoints" / run_id / "sampler_weights" / "flags"
+        # one directory per saved version (flags or flags@<version>)
+        (directory,) = (Path(server.data_dir) / "checkpoints" / run_id / "sampler_weights").glob("flags*")
         config = json.loads((directory / "adapter_config.json").read_text())
         assert set(config["target_modules"]) == expected
         assert config["r"] == 2
@@ -328,3 +329,45 @@ def test_async_variants(server, tokenizer):
 
     fb, res = asyncio.run(main())
     assert fb.metrics["loss:sum"] > 0 and len(res.sequences) == 2
+
+
+def test_legacy_load_state_restores_weights_and_optimizer(server, tokenizer):
+    sc = tinker.ServiceClient(base_url=server.base_url)
+    data = [sft_datum(tokenizer, SFT_TEXTS[2])]
+    adam = types.AdamParams(learning_rate=5e-3)
+    tc = sc.create_lora_training_client(base_model=BASE, rank=4, seed=13)
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(adam).result()
+    state = tc.save_state("legacy").result().path
+    saved_loss = tc.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    for _ in range(2):  # move away from the saved state
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(adam).result()
+    assert tc.forward(data, "cross_entropy").result().metrics["loss:sum"] < saved_loss - 1e-3
+    tc.load_state(state).result()
+    assert tc.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(saved_loss, abs=1e-4)
+    tc.load_state_with_optimizer(state).result()
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(adam).result()
+    assert tc.forward(data, "cross_entropy").result().metrics["loss:sum"] < saved_loss
+
+
+@pytest.mark.slow
+def test_heartbeats_keep_a_session_alive_and_close_finishes_it(start_server, tokenizer):
+    import time
+
+    srv = start_server(["--session-timeout", "15"])
+    sc = tinker.ServiceClient(base_url=srv.base_url)
+    tc = sc.create_lora_training_client(base_model=BASE, rank=2)
+    time.sleep(25)  # idle, but the SDK heartbeats every 10 s
+    tc.forward_backward([sft_datum(tokenizer, SFT_TEXTS[0])], "cross_entropy").result()
+    model_id = tc.get_info().model_id
+    sc.close("success", detail="done").result()  # POST /sessions/{id}/finish: the session's in-memory state is freed
+    import httpx
+
+    r = httpx.post(srv.base_url + "/api/v1/get_info", json={"model_id": model_id, "type": "get_info"},
+                   headers={"X-API-Key": "tml-test"})
+    assert r.status_code == 200  # the run's metadata stays
+    r = httpx.post(srv.base_url + "/api/v1/optim_step", headers={"X-API-Key": "tml-test"}, json={
+        "model_id": model_id, "seq_id": 99, "type": "optim_step", "adam_params": {"learning_rate": 1e-3}})
+    assert r.status_code == 404
