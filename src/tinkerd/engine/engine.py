@@ -38,7 +38,7 @@ from tinkerd.engine.model import (
     init_lora,
     lora_module_paths,
 )
-from tinkerd.engine.sampling import choose_token, make_generator
+from tinkerd.engine.sampling import choose_tokens, make_generator
 from tinkerd.engine.types import (
     AdamParams,
     AdapterRef,
@@ -54,6 +54,7 @@ from tinkerd.engine.types import (
 log = logging.getLogger(__name__)
 
 TOKENS_PER_TRAIN_PASS = 4096  # caps activation memory of one forward/backward pass
+KV_LENGTH_STEP = 256  # the KV cache grows in length as rows need it, not by max_tokens up front
 
 
 @dataclass
@@ -452,18 +453,20 @@ class Engine:
                 result.sequences[i] = SampledSequence(tokens=[], logprobs=[], stop_reason="length")
             future.set_result(result)
             return
-        new_rows = []
-        for i in range(request.num_samples):
-            row = _Row(active, i, make_generator(params.seed, i, self.device), position=len(prompt), last_token=-1)
-            self._accept_token(row, last_logits)
-            if not row.done:
-                new_rows.append(row)
+        rows = [
+            _Row(active, i, make_generator(params.seed, i, self.device), position=len(prompt), last_token=-1)
+            for i in range(request.num_samples)
+        ]
+        self._accept_tokens(rows, last_logits[None, :].expand(len(rows), -1))
+        new_rows = [row for row in rows if not row.done]
         if new_rows:
             self._place_rows(new_rows, kv, len(prompt), params.max_tokens)
 
     def _place_rows(self, rows: list[_Row], kv: list, prompt_len: int, max_tokens: int) -> None:
         need_rows = len(self._rows) + len(rows)
-        need_len = prompt_len + max_tokens + 1
+        # max_tokens defaults to the rest of the context (8k for SmolLM2): reserving it all up front
+        # cost GBs per request; _decode_step grows the length when a row reaches the end.
+        need_len = prompt_len + min(max_tokens, KV_LENGTH_STEP) + 1
         if self._cache is None:
             self._cache = KVCache(self.cfg, max(8, need_rows), max(256, need_len), self.device, self.dtype)
         elif need_rows > self._cache.rows or need_len > self._cache.length:
@@ -477,31 +480,44 @@ class Engine:
             self._cache.v[layer, start : start + len(rows), :, :prompt_len] = v[0]
         self._rows.extend(rows)
 
-    def _accept_token(self, row: _Row, logits: torch.Tensor) -> None:
-        """Choose the next token of `row` from its logits [V] and check stop conditions."""
-        req = row.request.request
-        params = req.params
-        token = choose_token(logits, params.temperature, params.top_k, params.top_p, row.generator)
+    def _accept_tokens(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Choose the next token of every row from its logits [n, V] and check stop conditions.
+
+        All tensor work is batched; one host transfer brings back every row's token and
+        logprob. Randomness comes from each row's own generator, so a row's token depends
+        only on its seed and its logits.
+        """
+        choice = choose_tokens(logits, [r.request.request.params for r in rows], [r.generator for r in rows])
         logprobs = torch.log_softmax(logits, dim=-1)
-        row.tokens.append(token)
-        row.logprobs.append(float(logprobs[token].item()))
-        if req.topk_sample_logprobs > 0:
-            top = torch.topk(logprobs, req.topk_sample_logprobs)
-            row.topk_ids.append(top.indices.cpu().tolist())
-            row.topk_lps.append(top.values.cpu().tolist())
-            if req.on_token_topk is not None:
-                req.on_token_topk(row.index, row.topk_ids[-1], row.topk_lps[-1])
-        if req.on_token is not None:
-            req.on_token(row.index, token, row.logprobs[-1])
-        row.last_token = token
-        stop = (not params.ignore_eos and token in self.cfg.eos_token_ids) or token in params.stop_token_ids
-        if not stop and params.stop_strings:
-            text = self.tokenizer.decode(row.tokens[-64:], skip_special_tokens=False)
-            stop = any(s in text for s in params.stop_strings)
-        if not stop and req.is_cancelled is not None:
-            stop = req.is_cancelled(row.index)
-        if stop or len(row.tokens) >= params.max_tokens:
-            self._finish_row(row, "stop" if stop else "length")
+        picked = logprobs.gather(-1, choice[:, None])[:, 0]
+        k = max(r.request.request.topk_sample_logprobs for r in rows)
+        top = torch.topk(logprobs, k, dim=-1) if k > 0 else None
+        tokens = choice.tolist()
+        token_lps = picked.tolist()
+        top_ids = top.indices.tolist() if top is not None else None
+        top_lps = top.values.tolist() if top is not None else None
+        for i, row in enumerate(rows):
+            req = row.request.request
+            params = req.params
+            token = tokens[i]
+            row.tokens.append(token)
+            row.logprobs.append(token_lps[i])
+            if req.topk_sample_logprobs > 0:
+                row.topk_ids.append(top_ids[i][: req.topk_sample_logprobs])
+                row.topk_lps.append(top_lps[i][: req.topk_sample_logprobs])
+                if req.on_token_topk is not None:
+                    req.on_token_topk(row.index, row.topk_ids[-1], row.topk_lps[-1])
+            if req.on_token is not None:
+                req.on_token(row.index, token, row.logprobs[-1])
+            row.last_token = token
+            stop = (not params.ignore_eos and token in self.cfg.eos_token_ids) or token in params.stop_token_ids
+            if not stop and params.stop_strings:
+                text = self.tokenizer.decode(row.tokens[-64:], skip_special_tokens=False)
+                stop = any(s in text for s in params.stop_strings)
+            if not stop and req.is_cancelled is not None:
+                stop = req.is_cancelled(row.index)
+            if stop or len(row.tokens) >= params.max_tokens:
+                self._finish_row(row, "stop" if stop else "length")
 
     def _finish_row(self, row: _Row, reason: str) -> None:
         row.done = True
@@ -520,14 +536,17 @@ class Engine:
     def _decode_step(self) -> None:
         rows = self._rows
         n = len(rows)
+        need_len = max(r.position for r in rows) + 1
+        if self._cache is not None and need_len > self._cache.length:
+            self._cache = self._cache.grown(self._cache.rows, max(need_len, min(2 * self._cache.length, self.max_context + 1)))
         tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
         positions = torch.tensor([[r.position] for r in rows], device=self.device)
         batch = _row_adapter_batch([r.request.adapter for r in rows], self.device)
         hidden = self.model.hidden_states(tokens, batch, positions=positions, cache=self._cache)
         logits = self.model.logits(hidden, batch)[:, 0]
-        for i, row in enumerate(rows):
+        for row in rows:
             row.position += 1
-            self._accept_token(row, logits[i])
+        self._accept_tokens(rows, logits)
         # Compact: keep active rows at 0..m-1 by moving the last live row into each hole.
         cache = self._cache
         keep = [r for r in rows if not r.done]

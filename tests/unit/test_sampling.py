@@ -1,0 +1,53 @@
+"""Token choice: filters keep the right support, batching never changes a seeded row's token."""
+
+import torch
+
+from tinkerd.engine.sampling import choose_token, choose_tokens, filter_logits, make_generator
+from tinkerd.engine.types import SamplingParams
+
+CPU = torch.device("cpu")
+
+
+def test_batched_choice_equals_one_row_at_a_time():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 500)
+    params = [
+        SamplingParams(max_tokens=1, temperature=0.0),
+        SamplingParams(max_tokens=1, temperature=0.7, top_k=5),
+        SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5),
+        SamplingParams(max_tokens=1, temperature=1.3),
+    ]
+    for seed in range(5):
+        batched = choose_tokens(logits, params, [make_generator(seed, i, CPU) for i in range(4)]).tolist()
+        single = [
+            choose_token(logits[i], p.temperature, p.top_k, p.top_p, make_generator(seed, i, CPU))
+            for i, p in enumerate(params)
+        ]
+        assert batched == single
+
+
+def test_a_row_does_not_depend_on_its_neighbours():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 300)
+    p = SamplingParams(max_tokens=1, temperature=1.0)
+    alone = choose_tokens(logits[1:2], [p], [make_generator(42, 0, CPU)]).item()
+    together = choose_tokens(logits, [p, p, p], [make_generator(9, 0, CPU), make_generator(42, 0, CPU), make_generator(3, 0, CPU)])
+    assert together[1].item() == alone
+
+
+def test_top_k_and_top_p_support():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    kept = torch.isfinite(filter_logits(logits, 1.0, 2, 1.0))
+    assert kept.tolist() == [True, True, False, False, False]
+    probs = torch.softmax(logits, -1)
+    kept_p = torch.isfinite(filter_logits(logits, 1.0, -1, float(probs[0] + 0.01)))
+    assert kept_p.tolist() == [True, True, False, False, False]  # smallest prefix reaching top_p
+    seen = {choose_tokens(logits[None], [SamplingParams(max_tokens=1, top_k=2)], [make_generator(s, 0, CPU)]).item() for s in range(100)}
+    assert seen == {0, 1}
+
+
+def test_seeded_generators_repeat_and_differ_by_sample_index():
+    a = torch.empty(10).exponential_(generator=make_generator(5, 0, CPU))
+    b = torch.empty(10).exponential_(generator=make_generator(5, 0, CPU))
+    c = torch.empty(10).exponential_(generator=make_generator(5, 1, CPU))
+    assert torch.equal(a, b) and not torch.equal(a, c)
