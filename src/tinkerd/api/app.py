@@ -10,13 +10,14 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tinkerd.api.rest_api import SIGNED_DOWNLOAD_PATH, build_rest_router
 from tinkerd.api.tinker_api import build_router
 from tinkerd.api.wire import WireError
 from tinkerd.core.service import BadRequest, NotFound, Service
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/"}
+OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/", SIGNED_DOWNLOAD_PATH}
 
 
 def api_key_of(request: Request) -> str | None:
@@ -67,6 +68,7 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
         return _error(422, f"invalid request: {problems}", request)
 
     app.include_router(build_router(service, hold_seconds))
+    app.include_router(build_rest_router(service))
     try:
         from tinkerd.api.openai_api import build_openai_routers
     except ImportError:  # the OpenAI front door is optional while it is being built

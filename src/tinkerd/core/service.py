@@ -95,6 +95,10 @@ class SamplerState:
 def failure_from_exception(exc: BaseException) -> Failure:
     if isinstance(exc, (UserInputError, LossInputError, CheckpointFileError, BadRequest, NotFound)):
         return Failure(str(exc), "user")
+    from tinkerd.core.registry import disk_full_message
+
+    if (message := disk_full_message(exc)) is not None:
+        return Failure(message, "server")
     if isinstance(exc, OSError):
         return Failure(f"storage error: {exc}", "server")
     return Failure(f"internal error: {type(exc).__name__}: {exc}", "server")
@@ -123,6 +127,9 @@ class Service:
                 row.status = "expired"
         for tmp in (self.data_dir / "checkpoints").glob("**/.*.tmp-*"):
             shutil.rmtree(tmp, ignore_errors=True)  # half-written checkpoints of a crash
+        from tinkerd.core.registry import Registry
+
+        Registry(self.db, self.data_dir).remove_orphan_files()  # written-but-never-acknowledged dirs, dead ephemeral samplers
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.futures.bind_loop(loop)
@@ -167,8 +174,9 @@ class Service:
         with self.db.begin() as s:
             rows = [r for r in s.scalars(select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None))) if aware(r.expires_at) <= now]
             for row in rows:
-                shutil.rmtree(row.directory, ignore_errors=True)
                 s.delete(row)
+        for row in rows:  # after the commit: a crash in between leaves an orphan dir, never a listed checkpoint without files
+            shutil.rmtree(row.directory, ignore_errors=True)
         return len(rows)
 
     # -- sessions ----------------------------------------------------------------------------
@@ -399,21 +407,24 @@ class Service:
         if ttl_seconds is not None and ttl_seconds <= 0:
             raise BadRequest(f"ttl_seconds must be positive, got {ttl_seconds}")
         path = TinkerPath(model_id, kind, name)
-        directory = self.checkpoint_dir(path)
+        row_id = uuid.uuid4().hex[:8]
+        # One directory per saved version: an overwrite never touches the files a listed row points at.
+        directory = self.checkpoint_dir(path).with_name(f"{name}@{row_id}")
         if kind == "weights" and not overwrite:
             with self.db() as s:
                 exists = s.scalar(select(CheckpointRow).where(CheckpointRow.run_id == model_id, CheckpointRow.kind == kind, CheckpointRow.name == name))
             if exists is not None:
                 raise BadRequest(f"checkpoint {path} already exists (pass overwrite=True to replace it)")
         with_optimizer = kind == "weights"
-        row_id = uuid.uuid4().hex[:8]
         sampler_key = f"{path}@{row_id}" if kind == "sampler_weights" else None
 
         def on_saved(size: int) -> dict:
+            replaced_dirs: list[str] = []
             expires = utcnow() + dt.timedelta(seconds=ttl_seconds) if ttl_seconds else None
             with self.db.begin() as s:
                 old = s.scalar(select(CheckpointRow).where(CheckpointRow.run_id == model_id, CheckpointRow.kind == kind, CheckpointRow.name == name))
                 if old is not None:
+                    replaced_dirs.append(old.directory)
                     s.delete(old)
                     s.flush()
                 s.add(
@@ -423,6 +434,9 @@ class Service:
                         expires_at=expires, has_optimizer=with_optimizer,
                     )
                 )
+            for old_dir in replaced_dirs:
+                if old_dir != str(directory):
+                    shutil.rmtree(old_dir, ignore_errors=True)
             result = {"path": str(path)}
             if kind == "external_weights":
                 result["size_bytes"] = size
@@ -462,6 +476,9 @@ class Service:
             raise BadRequest(f"{path} has no optimizer state (only save_state checkpoints do)")
         source_run = self.get_run(row.run_id)
         directory = Path(row.directory)
+        from tinkerd.core.registry import check_checkpoint_files
+
+        check_checkpoint_files(directory, path, with_optimizer)
         if model_id is not None:
             return model_id, self.submit_ordered(
                 model_id, seq_id, "load", lambda e: e.load_adapter(model_id, directory, with_optimizer), lambda _: {"path": path}
@@ -506,8 +523,9 @@ class Service:
     def adapter_for_path(self, model_path: str) -> tuple[str, AdapterRef]:
         """(base model, adapter ref) for a checkpoint path; raises NotFound/BadRequest."""
         row = self.find_checkpoint(model_path)
-        if not (Path(row.directory) / "adapter_model.safetensors").exists():
-            raise NotFound(f"checkpoint {model_path} is listed but its files are missing")
+        from tinkerd.core.registry import check_checkpoint_files
+
+        check_checkpoint_files(Path(row.directory), model_path)  # NotFound / BadRequest naming the path
         run = self.get_run(row.run_id)
         key = (row.user_metadata or {}).get("_cache_key") or f"{model_path}@{row.id}"
         return run.base_model, AdapterRef(key=key, directory=Path(row.directory))

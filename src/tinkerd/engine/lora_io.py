@@ -19,6 +19,7 @@ from tinkerd.engine.model import LoraWeights
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+TINKERD_FILE = "tinkerd.json"  # our own settings (LoRA flags, seed): kept out of adapter_config.json so PEFT loads it without warnings
 
 
 class CheckpointFileError(ValueError):
@@ -77,9 +78,9 @@ def write_checkpoint_dir(
     tmp.mkdir(parents=True)
     try:
         config = peft_config(rank, alpha, list(weights.a), base_model)
-        config["tinkerd"] = extra_config or {}
         save_file(adapter_tensors(weights), str(tmp / ADAPTER_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        (tmp / TINKERD_FILE).write_text(json.dumps(extra_config or {}, indent=2))
         if optimizer_tensors is not None:
             save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata=optimizer_meta or {})
         for f in tmp.iterdir():
@@ -95,8 +96,12 @@ def write_checkpoint_dir(
 
 
 def read_adapter_config(directory: Path) -> dict:
+    """adapter_config.json, with our settings (tinkerd.json, if present) under the key "tinkerd"."""
     try:
-        return json.loads((directory / CONFIG_FILE).read_text())
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        if (directory / TINKERD_FILE).exists():
+            config["tinkerd"] = json.loads((directory / TINKERD_FILE).read_text())
+        return config
     except (OSError, ValueError) as exc:
         raise CheckpointFileError(f"checkpoint {directory.name}: cannot read {CONFIG_FILE} ({exc})") from exc
 

@@ -1,0 +1,188 @@
+"""The REST routes behind `RestClient` and the `tinker` CLI: runs, checkpoints, sessions.
+
+Listing, publish / unpublish, TTL, delete, weights_info, and downloads of external
+weights through URLs that tinkerd signs (HMAC with a per-data-dir secret, one hour) and
+serves itself. Shapes: shared/spec/tinker-wire-protocol.md §4.6 and §2.4. Every
+datetime is sent timezone-aware. Plus one tinkerd extension: a run's metric history.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from tinkerd.core.db import CheckpointRow, RunRow
+from tinkerd.core.registry import Forbidden, Registry, RunSummary, iso, public_metadata, tinker_path_of
+from tinkerd.core.service import CHECKPOINT_KINDS, BadRequest, Service, TinkerPath
+
+SIGNED_DOWNLOAD_PATH = "/api/v1/signed_download"  # open (no API key): the signature is the credential
+MAX_PAGE = 1000
+
+
+def checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "checkpoint_id": f"{row.kind}/{row.name}",
+        "checkpoint_type": CHECKPOINT_KINDS[row.kind],
+        "time": iso(row.created_at),
+        "tinker_path": tinker_path_of(row),
+        "size_bytes": row.size_bytes,
+        "public": bool(row.public),
+    }
+    metadata = public_metadata(row.user_metadata)
+    if metadata:
+        out["user_metadata"] = metadata
+    if row.expires_at is not None:
+        out["expires_at"] = iso(row.expires_at)
+    return out
+
+
+def run_json(summary: RunSummary) -> dict[str, Any]:
+    run = summary.run
+    out: dict[str, Any] = {
+        "training_run_id": run.id,
+        "base_model": run.base_model,
+        "model_owner": run.owner,
+        "is_lora": True,
+        "corrupted": bool(run.corrupted),
+        "lora_rank": run.lora_rank,
+        "last_request_time": iso(run.last_request_time),
+    }
+    if summary.last_checkpoint is not None:
+        out["last_checkpoint"] = checkpoint_json(summary.last_checkpoint)
+    if summary.last_sampler_checkpoint is not None:
+        out["last_sampler_checkpoint"] = checkpoint_json(summary.last_sampler_checkpoint)
+    metadata = public_metadata(run.user_metadata)
+    if metadata:
+        out["user_metadata"] = metadata
+    return out
+
+
+def weights_info_json(run: RunRow) -> dict[str, Any]:
+    return {
+        "base_model": run.base_model,
+        "is_lora": True,
+        "lora_rank": run.lora_rank,
+        "train_attn": run.train_attn,
+        "train_mlp": run.train_mlp,
+        "train_unembed": run.train_unembed,
+        "optimizer_config": {"type": "adamw"},
+    }
+
+
+def page(limit: int, offset: int) -> tuple[int, int]:
+    if limit < 0 or offset < 0:
+        raise BadRequest(f"limit and offset must be >= 0, got limit={limit}, offset={offset}")
+    return min(limit, MAX_PAGE), offset
+
+
+def build_rest_router(service: Service) -> APIRouter:
+    registry = Registry(service.db, service.data_dir)
+    r = APIRouter(prefix="/api/v1")
+
+    def ckpt_path(run_id: str, kind: str, name: str) -> TinkerPath:
+        return TinkerPath.parse(f"tinker://{run_id}/{kind}/{name}")
+
+    # -- training runs -------------------------------------------------------------------
+
+    @r.get("/training_runs")
+    async def list_training_runs(limit: int = Query(20), offset: int = Query(0)) -> dict:
+        limit, offset = page(limit, offset)
+        runs, total = registry.list_runs(limit, offset)
+        return {"training_runs": [run_json(s) for s in runs], "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+    @r.get("/training_runs/{run_id}")
+    async def get_training_run(run_id: str) -> dict:
+        return run_json(registry.run(run_id))
+
+    @r.get("/training_runs/{run_id}/metrics")
+    async def metric_history(run_id: str) -> dict:
+        """tinkerd extension: every metric each forward/backward/optim_step reported, in order."""
+        rows = registry.metric_history(run_id)
+        return {
+            "training_run_id": run_id,
+            "metrics": [{"seq_id": m.seq_id, "kind": m.kind, "key": m.key, "value": m.value, "time": iso(m.time)} for m in rows],
+        }
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    @r.get("/training_runs/{run_id}/checkpoints")
+    async def list_run_checkpoints(run_id: str) -> dict:
+        rows, total = registry.list_checkpoints(run_id)
+        return {"checkpoints": [checkpoint_json(c) for c in rows], "cursor": {"offset": 0, "limit": total, "total_count": total}}
+
+    @r.get("/checkpoints")
+    async def list_user_checkpoints(limit: int = Query(100), offset: int = Query(0)) -> dict:
+        limit, offset = page(limit, offset)
+        rows, total = registry.list_checkpoints(None, limit, offset)
+        return {"checkpoints": [checkpoint_json(c) for c in rows], "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+    @r.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
+    async def delete_checkpoint(run_id: str, kind: str, name: str) -> dict:
+        registry.delete_checkpoint(ckpt_path(run_id, kind, name))
+        return {}
+
+    @r.post("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+    async def publish(run_id: str, kind: str, name: str) -> dict:
+        registry.set_public(ckpt_path(run_id, kind, name), True)
+        return {}
+
+    @r.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
+    async def unpublish(run_id: str, kind: str, name: str) -> dict:
+        registry.set_public(ckpt_path(run_id, kind, name), False)
+        return {}
+
+    @r.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
+    async def set_ttl(run_id: str, kind: str, name: str, request: Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict) or "ttl_seconds" not in body:
+            raise BadRequest('expected {"ttl_seconds": int | null}')
+        expires = registry.set_ttl(ckpt_path(run_id, kind, name), body["ttl_seconds"])
+        return {"expires_at": iso(expires)}
+
+    @r.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/external_weights_urls")
+    async def external_weights_urls(run_id: str, kind: str, name: str, request: Request) -> dict:
+        base = str(request.base_url).rstrip("/") + SIGNED_DOWNLOAD_PATH
+        urls, expires = registry.download_urls(ckpt_path(run_id, kind, name), base)
+        return {"urls": urls, "expires": iso(expires)}
+
+    @r.get("/signed_download")
+    async def signed_download(token: str = Query(...)):
+        try:
+            file = registry.open_download(token)
+        except Forbidden as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=403)
+        return FileResponse(file, filename=file.name, media_type="application/octet-stream")
+
+    @r.post("/weights_info")
+    async def weights_info(request: Request) -> dict:
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict) or not isinstance(body.get("tinker_path"), str):
+            raise BadRequest('expected {"tinker_path": "tinker://..."}')
+        run, _ = registry.weights_info(body["tinker_path"])
+        return weights_info_json(run)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    @r.get("/sessions")
+    async def list_sessions(limit: int = Query(20), offset: int = Query(0)) -> dict:
+        limit, offset = page(limit, offset)
+        return {"sessions": [s.id for s in registry.list_sessions(limit, offset)]}
+
+    @r.get("/sessions/{session_id}")
+    async def get_session(session_id: str) -> dict:
+        row, runs, samplers = registry.session(session_id)
+        out: dict[str, Any] = {"training_run_ids": runs, "sampler_ids": samplers}
+        metadata = public_metadata(row.user_metadata)
+        if metadata:
+            out["user_metadata"] = metadata
+        return out
+
+    return r

@@ -1,0 +1,352 @@
+"""Queries and management of the durable records: training runs, checkpoints, sessions.
+
+This is what the REST routes of the RestClient and the `tinker` CLI read and change
+(listing, publish, TTL, delete, download URLs), plus the file-level guarantees that make
+checkpoints safe across crashes: integrity checks before a load, and a startup sweep of
+files that no acknowledged checkpoint points at. It only needs the database and the data
+dir, so offline commands (`tinkerd import-adapter`, `tinkerd export`) use it too.
+No torch here.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import errno
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from tinkerd.core.db import CheckpointRow, MetricRow, RunRow, SamplerRow, SessionRow, aware, utcnow
+from tinkerd.core.service import CHECKPOINT_KINDS, BadRequest, NotFound, TinkerPath
+
+MAX_TTL_SECONDS = 10 * 365 * 24 * 3600  # the SDK documents "up to 10 years"
+DOWNLOAD_URL_LIFETIME = dt.timedelta(hours=1)
+SIGNING_KEY_FILE = "url-signing.key"
+ADAPTER_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+class Forbidden(Exception):
+    """A download URL whose signature is wrong or whose time is up (HTTP 403)."""
+
+
+@dataclass
+class RunSummary:
+    run: RunRow
+    last_checkpoint: CheckpointRow | None
+    last_sampler_checkpoint: CheckpointRow | None
+
+
+def tinker_path_of(row: CheckpointRow) -> str:
+    return f"tinker://{row.run_id}/{row.kind}/{row.name}"
+
+
+def public_metadata(metadata: dict | None) -> dict[str, str]:
+    """User metadata as the SDK types it (str → str), without our internal `_` keys."""
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items() if not str(k).startswith("_")}
+
+
+# -- file integrity ------------------------------------------------------------------------
+
+
+def _check_safetensors(file: Path) -> None:
+    """Cheap structural check: the header parses and the data is as long as it says."""
+    size = file.stat().st_size
+    with open(file, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{file.name} is truncated ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise ValueError(f"{file.name} is truncated: header says {header_len} bytes, file has {size}")
+        header = json.loads(fh.read(header_len))
+    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end != size:
+        raise ValueError(f"{file.name} is damaged: expected {8 + header_len + data_end} bytes, found {size}")
+
+
+def check_checkpoint_files(directory: Path, tinker_path: str, with_optimizer: bool = False) -> None:
+    """Raise NotFound (files gone) or BadRequest (files damaged) naming the checkpoint.
+
+    Called before a checkpoint is loaded, so a bad file gives one clear error for that
+    request and nothing else is affected.
+    """
+    needed = [CONFIG_FILE, ADAPTER_FILE] + ([OPTIMIZER_FILE] if with_optimizer else [])
+    missing = [name for name in needed if not (directory / name).is_file()]
+    if missing:
+        raise NotFound(f"checkpoint {tinker_path} is listed but its files are missing ({', '.join(missing)}); it cannot be loaded")
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        if not isinstance(config, dict) or "r" not in config or "lora_alpha" not in config:
+            raise ValueError(f"{CONFIG_FILE} has no r / lora_alpha")
+        for name in needed[1:]:
+            _check_safetensors(directory / name)
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        raise BadRequest(f"checkpoint {tinker_path} is damaged and cannot be loaded: {exc}") from None
+
+
+def disk_full_message(exc: BaseException) -> str | None:
+    """A clear message when `exc` means the disk (or a quota / file size limit) is full."""
+    codes = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+    text = str(exc)
+    if (isinstance(exc, OSError) and exc.errno in codes) or any(
+        marker in text for marker in ("No space left", "StorageFull", "FileTooLarge", "File too large", "QuotaExceeded", "disk is full")
+    ):
+        return f"not enough disk space on the server to write the checkpoint; nothing was saved ({type(exc).__name__}: {text})"
+    return None
+
+
+# -- the registry --------------------------------------------------------------------------
+
+
+class Registry:
+    def __init__(self, db: sessionmaker, data_dir: Path):
+        self.db = db
+        self.data_dir = data_dir
+
+    # -- runs ------------------------------------------------------------------------------
+
+    def _summaries(self, runs: list[RunRow]) -> list[RunSummary]:
+        if not runs:
+            return []
+        latest: dict[tuple[str, str], CheckpointRow] = {}
+        with self.db() as s:
+            q = (
+                select(CheckpointRow)
+                .where(CheckpointRow.run_id.in_([r.id for r in runs]), CheckpointRow.kind.in_(["weights", "sampler_weights"]))
+                .order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
+            )
+            for row in s.scalars(q):
+                latest.setdefault((row.run_id, row.kind), row)
+        return [RunSummary(r, latest.get((r.id, "weights")), latest.get((r.id, "sampler_weights"))) for r in runs]
+
+    def list_runs(self, limit: int, offset: int) -> tuple[list[RunSummary], int]:
+        """Newest first."""
+        with self.db() as s:
+            total = s.scalar(select(func.count()).select_from(RunRow)) or 0
+            runs = list(s.scalars(select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id.desc()).offset(offset).limit(limit)))
+        return self._summaries(runs), total
+
+    def run(self, run_id: str) -> RunSummary:
+        with self.db() as s:
+            row = s.get(RunRow, run_id)
+        if row is None:
+            raise NotFound(f"unknown training run {run_id!r}")
+        return self._summaries([row])[0]
+
+    def metric_history(self, run_id: str) -> list[MetricRow]:
+        self.run(run_id)
+        with self.db() as s:
+            return list(s.scalars(select(MetricRow).where(MetricRow.run_id == run_id).order_by(MetricRow.id)))
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def list_checkpoints(self, run_id: str | None = None, limit: int | None = None, offset: int = 0) -> tuple[list[CheckpointRow], int]:
+        """Newest first; for one run, or all of them."""
+        if run_id is not None:
+            self.run(run_id)
+        with self.db() as s:
+            q = select(CheckpointRow)
+            count = select(func.count()).select_from(CheckpointRow)
+            if run_id is not None:
+                q = q.where(CheckpointRow.run_id == run_id)
+                count = count.where(CheckpointRow.run_id == run_id)
+            q = q.order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc()).offset(offset)
+            if limit is not None:
+                q = q.limit(limit)
+            return list(s.scalars(q)), s.scalar(count) or 0
+
+    def checkpoint(self, path: TinkerPath) -> CheckpointRow:
+        with self.db() as s:
+            row = s.scalar(
+                select(CheckpointRow).where(
+                    CheckpointRow.run_id == path.run_id, CheckpointRow.kind == path.kind, CheckpointRow.name == path.name
+                )
+            )
+        if row is None:
+            raise NotFound(f"checkpoint {path} does not exist")
+        return row
+
+    def delete_checkpoint(self, path: TinkerPath) -> None:
+        """Forget the checkpoint, then free its files (a crash in between leaves only an orphan dir)."""
+        with self.db.begin() as s:
+            row = s.scalar(
+                select(CheckpointRow).where(
+                    CheckpointRow.run_id == path.run_id, CheckpointRow.kind == path.kind, CheckpointRow.name == path.name
+                )
+            )
+            if row is None:
+                raise NotFound(f"checkpoint {path} does not exist")
+            directory = row.directory
+            s.delete(row)
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def set_public(self, path: TinkerPath, public: bool) -> None:
+        # Idempotent: production answers 409 when nothing changes, but the SDK retries 409
+        # for five minutes before it gives up, which looks like a hang.
+        with self.db.begin() as s:
+            row = s.scalar(
+                select(CheckpointRow).where(
+                    CheckpointRow.run_id == path.run_id, CheckpointRow.kind == path.kind, CheckpointRow.name == path.name
+                )
+            )
+            if row is None:
+                raise NotFound(f"checkpoint {path} does not exist")
+            row.public = public
+
+    def set_ttl(self, path: TinkerPath, ttl_seconds: int | None) -> dt.datetime | None:
+        """Expire `ttl_seconds` from now (None: never). The janitor deletes expired checkpoints."""
+        if ttl_seconds is not None:
+            if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int):
+                raise BadRequest(f"ttl_seconds must be an integer number of seconds or null, got {ttl_seconds!r}")
+            if not (1 <= ttl_seconds <= MAX_TTL_SECONDS):
+                raise BadRequest(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (10 years), got {ttl_seconds}")
+        expires = utcnow() + dt.timedelta(seconds=ttl_seconds) if ttl_seconds is not None else None
+        with self.db.begin() as s:
+            row = s.scalar(
+                select(CheckpointRow).where(
+                    CheckpointRow.run_id == path.run_id, CheckpointRow.kind == path.kind, CheckpointRow.name == path.name
+                )
+            )
+            if row is None:
+                raise NotFound(f"checkpoint {path} does not exist")
+            row.expires_at = expires
+        return expires
+
+    def weights_info(self, tinker_path: str) -> tuple[RunRow, CheckpointRow]:
+        path = TinkerPath.parse(tinker_path)
+        row = self.checkpoint(path)
+        return self.run(row.run_id).run, row
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def list_sessions(self, limit: int, offset: int) -> list[SessionRow]:
+        with self.db() as s:
+            return list(s.scalars(select(SessionRow).order_by(SessionRow.created_at.desc(), SessionRow.id.desc()).offset(offset).limit(limit)))
+
+    def session(self, session_id: str) -> tuple[SessionRow, list[str], list[str]]:
+        """(session, its training run ids, its sampler ids), oldest first."""
+        with self.db() as s:
+            row = s.get(SessionRow, session_id)
+            if row is None:
+                raise NotFound(f"unknown session {session_id!r}")
+            runs = list(s.scalars(select(RunRow.id).where(RunRow.session_id == session_id).order_by(RunRow.created_at, RunRow.id)))
+            samplers = list(
+                s.scalars(select(SamplerRow.id).where(SamplerRow.session_id == session_id).order_by(SamplerRow.created_at, SamplerRow.id))
+            )
+        return row, runs, samplers
+
+    # -- signed download URLs --------------------------------------------------------------
+
+    def _signing_key(self) -> bytes:
+        """A random secret per data dir, created once (0600), so URLs survive restarts."""
+        key_file = self.data_dir / SIGNING_KEY_FILE
+        try:
+            return key_file.read_bytes()
+        except FileNotFoundError:
+            pass
+        tmp = key_file.with_name(f".{key_file.name}.tmp-{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(32))
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, key_file)  # first writer wins, even against a concurrent process
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        return key_file.read_bytes()
+
+    def _signature(self, payload: str) -> str:
+        digest = hmac.new(self._signing_key(), payload.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    def sign_download(self, row: CheckpointRow, file_name: str, expires: dt.datetime) -> str:
+        """A token for one file of one checkpoint version, valid until `expires`."""
+        body = json.dumps({"c": row.id, "f": file_name, "e": int(expires.timestamp())}, separators=(",", ":"))
+        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+        return f"{payload}.{self._signature(payload)}"
+
+    def download_urls(self, path: TinkerPath, base_url: str, now: dt.datetime | None = None) -> tuple[dict[str, str], dt.datetime]:
+        """{relative file name: signed URL} for every file of an external_weights checkpoint."""
+        if path.kind != "external_weights":
+            raise BadRequest(
+                f"{path} is not an external_weights checkpoint: save one with TrainingClient.save_weights_external "
+                "(or use `tinker checkpoint download` for weights/ paths)"
+            )
+        row = self.checkpoint(path)
+        directory = Path(row.directory)
+        if not directory.is_dir():
+            raise NotFound(f"checkpoint {path} is listed but its files are missing")
+        expires = (now or utcnow()) + DOWNLOAD_URL_LIFETIME
+        files = sorted(f.name for f in directory.iterdir() if f.is_file() and not f.name.startswith("."))
+        return {name: f"{base_url}?token={self.sign_download(row, name, expires)}" for name in files}, expires
+
+    def open_download(self, token: str, now: dt.datetime | None = None) -> Path:
+        """The file a token grants, or Forbidden / NotFound."""
+        payload, _, signature = token.partition(".")
+        if not payload or not hmac.compare_digest(signature, self._signature(payload)):
+            raise Forbidden("invalid download signature")
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            row_id, file_name, expires = int(claims["c"]), str(claims["f"]), int(claims["e"])
+        except (ValueError, KeyError, TypeError):
+            raise Forbidden("malformed download token") from None
+        if (now or utcnow()).timestamp() > expires:
+            raise Forbidden("this download URL has expired; ask for new URLs (get_external_weights_urls)")
+        with self.db() as s:
+            row = s.get(CheckpointRow, row_id)
+        if row is None:
+            raise NotFound("the checkpoint of this download URL was deleted")
+        file = Path(row.directory) / file_name
+        if "/" in file_name or file_name.startswith(".") or not file.is_file():
+            raise NotFound(f"{file_name} is not a file of {tinker_path_of(row)}")
+        return file
+
+    # -- crash recovery --------------------------------------------------------------------
+
+    def remove_orphan_files(self) -> list[Path]:
+        """Delete checkpoint dirs that no row points at, and ephemeral sampler snapshots.
+
+        A checkpoint is acknowledged only after its row commits, and the row only points at
+        a fully written directory, so anything else under checkpoints/ was written by a
+        save that crashed before it was acknowledged (or freed by a delete that crashed).
+        Only call this while no save can be running (at startup).
+        """
+        root = self.data_dir / "checkpoints"
+        with self.db() as s:
+            referenced = {Path(d).resolve() for d in s.scalars(select(CheckpointRow.directory))}
+        removed: list[Path] = []
+        if root.is_dir():
+            for run_dir in root.iterdir():
+                for kind_dir in run_dir.iterdir() if run_dir.is_dir() else []:
+                    for ckpt_dir in kind_dir.iterdir() if kind_dir.is_dir() else []:
+                        if ckpt_dir.resolve() not in referenced:
+                            shutil.rmtree(ckpt_dir, ignore_errors=True)
+                            removed.append(ckpt_dir)
+        ephemeral = self.data_dir / "ephemeral"
+        if ephemeral.is_dir():  # save_weights_and_get_sampling_client snapshots die with their process
+            shutil.rmtree(ephemeral, ignore_errors=True)
+        return removed
+
+
+def checkpoint_kind_label(kind: str) -> str:
+    return CHECKPOINT_KINDS[kind]
+
+
+def iso(value: dt.datetime | None) -> str | None:
+    """Timezone-aware ISO-8601 (the CLI compares these with aware datetimes)."""
+    return aware(value).isoformat() if value is not None else None
