@@ -86,8 +86,23 @@ def datums_from_proto(msg: pb.ForwardBackwardRequest) -> list[Datum]:
         for name, tensor in d.loss_fn_inputs.items():
             arr = tensor_to_numpy(tensor, f"data[{i}].loss_fn_inputs[{name!r}]")
             inputs[name] = arr.astype(np.int64) if name == "target_tokens" else arr.astype(np.float32)
-        datums.append(Datum(tokens=tokens, inputs=inputs))
+        datum = Datum(tokens=tokens, inputs=inputs)
+        if len(d.model_input_spans) or len(d.loss_fn_input_spans):
+            datum.model_input_spans = [_span(sp) for sp in d.model_input_spans]
+            datum.loss_fn_input_spans = [_span(sp) for sp in d.loss_fn_input_spans]
+        datums.append(datum)
     return datums
+
+
+def _span(msg: pb.ProvenanceSpan) -> tuple[str, str, int, int]:
+    which = msg.WhichOneof("span")
+    if which == "sampled_tokens":
+        arm, kind = msg.sampled_tokens, "sampled"
+    elif which == "prompt_tokens":
+        arm, kind = msg.prompt_tokens, "prompt"
+    else:
+        raise WireError(f"provenance span of unknown kind {which!r}")
+    return kind, arm.sequence_id, int(arm.offset), int(arm.length)
 
 
 def _batched(arrays: list[np.ndarray], dtype: int, np_dtype) -> pb.BatchedTensor:

@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from tinkerd.core.db import CheckpointRow, MetricRow, RunRow, SamplerRow, SessionRow, aware, open_database, utcnow
 from tinkerd.core.futures import Failure, FutureEntry, FutureStore
+from tinkerd.core.provenance import ProvenanceError, SequenceRecord, StabilityStore, check_tiling, stability_for_datum
 from tinkerd.engine.engine import Engine
 from tinkerd.engine.lora_io import CheckpointFileError
 from tinkerd.engine.losses import LossInputError
@@ -115,6 +116,7 @@ class Service:
         self.models: dict[str, ModelState] = {}
         self.samplers: dict[str, SamplerState] = {}
         self.session_seen: dict[str, float] = {}
+        self.stability = StabilityStore()
         self._janitor: asyncio.Task | None = None
         self._recover_after_restart()
 
@@ -145,6 +147,7 @@ class Service:
             try:
                 self.expire_idle_sessions()
                 self.delete_expired_checkpoints()
+                self.stability.expire()
             except Exception:  # noqa: BLE001 - the janitor must keep running
                 log.exception("janitor pass failed")
 
@@ -342,6 +345,12 @@ class Service:
     def forward_backward(
         self, model_id: str, seq_id: int, datums: list[Datum], loss_fn: str, config: dict, forward_only: bool
     ) -> FutureEntry:
+        state = self._model(model_id)
+        try:
+            self._attach_provenance(state.session_id, datums, loss_fn)
+        except ProvenanceError as exc:
+            raise BadRequest(str(exc)) from None
+
         def job(engine: Engine) -> TrainResult:
             return engine.forward_backward(model_id, datums, loss_fn, config, forward_only)
 
@@ -350,6 +359,22 @@ class Service:
             return result
 
         return self.submit_ordered(model_id, seq_id, "fwdbwd", job, record)
+
+    def _attach_provenance(self, session_id: str, datums: list[Datum], loss_fn: str) -> None:
+        for i, d in enumerate(datums):
+            if d.model_input_spans is None:
+                if loss_fn == "stable_reinforce":
+                    raise ProvenanceError(
+                        f"datum {i}: stable_reinforce needs provenance spans (model_input_spans and loss_fn_input_spans) "
+                        "naming sequences sampled with record_stability_info=True"
+                    )
+                continue
+            check_tiling(d.model_input_spans, len(d.tokens), f"datum {i} model_input_spans")
+            targets = d.inputs.get("target_tokens")
+            n_targets = len(targets) if targets is not None else 0
+            check_tiling(d.loss_fn_input_spans or [], n_targets, f"datum {i} loss_fn_input_spans")
+            if loss_fn == "stable_reinforce" and targets is not None:
+                d.stability = stability_for_datum(d.loss_fn_input_spans or [], targets, self.stability, session_id)
 
     def optim_step(self, model_id: str, seq_id: int, params: AdamParams) -> FutureEntry:
         def record(metrics: dict[str, float]) -> dict:
@@ -563,7 +588,16 @@ class Service:
         request.adapter = state.adapter
         entry = self.futures.create("sample", state.session_id)
         sequence_ids = [f"{entry.request_id}:{i}" for i in range(request.num_samples)]
-        self._chain(engine.sample(request), entry, None)
+        on_done = None
+        if request.record_stability_info:
+            session_id, prompt = state.session_id, list(request.prompt)
+
+            def on_done(result):
+                for sequence_id, seq in zip(sequence_ids, result.sequences, strict=True):
+                    self.stability.record(sequence_id, SequenceRecord(session_id, prompt, list(seq.tokens), list(seq.logprobs)))
+                return result
+
+        self._chain(engine.sample(request), entry, on_done)
         if seq_id is not None:
             state.seen[seq_id] = (entry, sequence_ids)
             if len(state.seen) > _SEEN_WINDOW:

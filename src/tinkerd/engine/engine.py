@@ -344,9 +344,10 @@ class Engine:
             if targets.size and (targets.min() < 0 or targets.max() >= self.vocab_size):
                 raise UserInputError(f"datum {i} target_tokens contains an id outside the vocabulary [0, {self.vocab_size})")
             try:
-                losses.validate_datum_inputs(
-                    loss_fn, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in datum.inputs.items()}, n
-                )
+                tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in datum.inputs.items()}
+                losses.validate_datum_inputs(loss_fn, tensors, n)
+                if datum.stability is not None and "advantages" in tensors:
+                    losses.validate_stability_info(tensors["advantages"], _stability(datum))
             except losses.LossInputError as exc:
                 raise UserInputError(f"datum {i}: {exc}") from None
 
@@ -384,7 +385,8 @@ class Engine:
             for i, d in enumerate(datums):
                 inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in d.inputs.items()}
                 target_lp = target_logprobs(logits[i, : lengths[i]], inputs["target_tokens"])
-                result = losses.compute_datum_loss(loss_fn, target_lp, inputs, config)
+                stability = _stability(d, self.device) if d.stability is not None else None
+                result = losses.compute_datum_loss(loss_fn, target_lp, inputs, config, stability)
                 total = result.loss if total is None else total + result.loss
                 out = {"logprobs": target_lp.detach().float().cpu().numpy()}
                 out.update({k: v.detach().float().cpu().numpy() for k, v in result.extra_outputs.items()})
@@ -569,6 +571,14 @@ def _row_adapter_batch(adapters: list[LoraWeights | None], device: torch.device)
         groups.setdefault(id(a), (a, []))[1].append(i)
     return AdapterBatch(
         [AdapterSegment(0, 0, a, rows=torch.tensor(idx, device=device)) for a, idx in groups.values()]
+    )
+
+
+def _stability(datum: Datum, device: torch.device | None = None) -> losses.StabilityInfo:
+    sampler_lp, mask = datum.stability  # type: ignore[misc]
+    return losses.StabilityInfo(
+        sampler_logprobs=torch.from_numpy(sampler_lp).to(device or "cpu"),
+        sampled_mask=torch.from_numpy(mask).to(device or "cpu"),
     )
 
 

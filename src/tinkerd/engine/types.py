@@ -41,6 +41,12 @@ class LoraSpec:
 class Datum:
     tokens: np.ndarray  # int64 [N] model input
     inputs: dict[str, np.ndarray]  # dense loss_fn_inputs; target_tokens int64, others float32
+    # Provenance (StableReinforce): runs of (kind "prompt"|"sampled", sequence_id, offset, length)
+    # tiling model_input and target_tokens.
+    model_input_spans: list[tuple[str, str, int, int]] | None = None
+    loss_fn_input_spans: list[tuple[str, str, int, int]] | None = None
+    # Filled in by the core from recorded samples: per-target sampler logprob and sampled mask.
+    stability: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @dataclass
@@ -93,6 +99,7 @@ class SampleRequest:
     prompt_logprobs: bool = False
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
+    record_stability_info: bool = False
     prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens
     on_token: Callable[[int, int, float], None] | None = None  # (sample_index, token, logprob), streaming
     # Streaming extras: the new token's top-k (sample_index, ids, logprobs), called just before
