@@ -45,6 +45,31 @@ def _import_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_merged(args: argparse.Namespace) -> int:
+    from tinkerd.export import AdapterError, export_merged
+
+    try:
+        out = export_merged(args.checkpoint, Path(args.out_dir).expanduser(), Path(args.data_dir).expanduser(),
+                            model=args.model, dtype=args.dtype, force=args.force)
+    except AdapterError as exc:
+        print(f"tinkerd export merged: {exc}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+def _import_adapter(args: argparse.Namespace) -> int:
+    from tinkerd.export import AdapterError, import_adapter
+
+    try:
+        path = import_adapter(Path(args.peft_dir), Path(args.data_dir).expanduser(), model=args.model, name=args.name)
+    except AdapterError as exc:
+        print(f"tinkerd import-adapter: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tinkerd", description="A self-hosted server for the Tinker fine-tuning API.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +95,29 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     imp.add_argument("--data-dir", default=str(default_data_dir()))
     imp.set_defaults(func=_import_model)
+
+    export = sub.add_parser("export", help="export a checkpoint for other tools")
+    export_sub = export.add_subparsers(dest="export_format", required=True)
+    merged = export_sub.add_parser(
+        "merged", help="write a full Hugging Face model with the adapter merged in (loadable by transformers)")
+    merged.add_argument("checkpoint", help="a tinker:// path (looked up in --data-dir) or a PEFT adapter directory")
+    merged.add_argument("out_dir", help="directory to write the merged model to")
+    merged.add_argument("--data-dir", default=str(default_data_dir()), help="the server's state directory")
+    merged.add_argument("--model", default=None,
+                        help="base model (HF directory or name); default: the checkpoint's own base model")
+    merged.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merged.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    merged.set_defaults(func=_export_merged)
+
+    imp_adapter = sub.add_parser(
+        "import-adapter", help="bring a PEFT LoRA adapter in as a checkpoint (prints its tinker:// path)")
+    imp_adapter.add_argument("peft_dir", help="directory with adapter_config.json + adapter_model.safetensors")
+    imp_adapter.add_argument("--data-dir", default=str(default_data_dir()), help="the server's state directory")
+    imp_adapter.add_argument("--model", default=None,
+                             help="the served base model it is for (as given to `serve --model`); "
+                                  "default: the adapter's base_model_name_or_path")
+    imp_adapter.add_argument("--name", default=None, help="checkpoint name (default: imported)")
+    imp_adapter.set_defaults(func=_import_adapter)
     return parser
 
 

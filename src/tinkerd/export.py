@@ -1,0 +1,239 @@
+"""Adapters in and out of tinkerd, without a running server.
+
+* `export_merged`: a checkpoint (tinker:// path in a data dir, or a PEFT directory) merged
+  into its base model, written as a plain Hugging Face model directory that
+  `transformers.AutoModelForCausalLM.from_pretrained` loads as it is.
+* `import_adapter`: a PEFT LoRA directory made for a model tinkerd serves becomes a
+  training checkpoint (`tinker://import-…:train:0/weights/<name>`) that can be sampled
+  by path and trained further with `create_training_client_from_state`.
+
+Both read and write the same SQLite database and checkpoint tree as `tinkerd serve`, so
+they work while the server runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tinkerd.core.db import CheckpointRow, RunRow, SessionRow, open_database
+from tinkerd.core.registry import Registry
+from tinkerd.core.service import _NAME_RE, BadRequest, NotFound, TinkerPath
+from tinkerd.engine.lora_io import read_checkpoint_dir, write_checkpoint_dir
+from tinkerd.engine.model import ATTN_MODULES, MLP_MODULES, LoraWeights, ModelConfig, init_lora, lora_module_paths
+from tinkerd.model_store import ModelSource, resolve_model
+
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_]+)?\.weight$")
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+)
+
+
+class AdapterError(ValueError):
+    """The command cannot do what was asked; the message says why."""
+
+
+@dataclass
+class Checkpoint:
+    directory: Path
+    base_model: str | None  # the served base model name, when known
+    label: str  # what to call it in messages
+
+
+def _database(data_dir: Path):
+    db_file = data_dir / "tinkerd.sqlite"
+    if not db_file.exists():
+        raise AdapterError(f"{data_dir} is not a tinkerd data dir (no tinkerd.sqlite); pass --data-dir")
+    return open_database(db_file)
+
+
+def find_checkpoint(checkpoint: str, data_dir: Path) -> Checkpoint:
+    """A tinker:// path looked up in `data_dir`, or a local PEFT directory."""
+    if checkpoint.startswith("tinker://"):
+        registry = Registry(_database(data_dir), data_dir)
+        try:
+            path = TinkerPath.parse(checkpoint)
+            row = registry.checkpoint(path)
+            base_model = registry.run(row.run_id).run.base_model
+        except (BadRequest, NotFound) as exc:
+            raise AdapterError(f"{exc} (in {data_dir})") from None
+        return Checkpoint(Path(row.directory), base_model, checkpoint)
+    directory = Path(checkpoint).expanduser()
+    if not (directory / "adapter_config.json").is_file():
+        raise AdapterError(f"{checkpoint} is neither a tinker:// path nor a directory with adapter_config.json")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    return Checkpoint(directory, config.get("base_model_name_or_path"), str(directory))
+
+
+def _base_model(model: str | None, fallback: str | None, data_dir: Path) -> ModelSource:
+    name = model or fallback
+    if not name:
+        raise AdapterError("cannot tell which base model this adapter is for: pass --model (a served model name or HF directory)")
+    try:
+        return resolve_model(name, data_dir)
+    except ValueError as exc:
+        raise AdapterError(f"cannot load base model {name!r}: {exc}") from None
+
+
+# -- export merged -------------------------------------------------------------------------
+
+
+def export_merged(
+    checkpoint: str, out_dir: Path, data_dir: Path, model: str | None = None, dtype: str = "float32", force: bool = False
+) -> Path:
+    """Write base model + adapter (W += alpha/r · B·A) as a Hugging Face model directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: import lazily
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise AdapterError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise AdapterError(f"{out_dir} exists and is not empty (pass --force to replace it)")
+    ckpt = find_checkpoint(checkpoint, data_dir)
+    base = _base_model(model, ckpt.base_model, data_dir)
+    try:
+        _, lora = read_checkpoint_dir(ckpt.directory, torch.device("cpu"))
+    except ValueError as exc:
+        raise AdapterError(str(exc)) from None
+
+    merged = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
+    embeddings = merged.get_input_embeddings().weight
+    output = merged.get_output_embeddings()
+    if "lm_head" in lora.a and output is not None and output.weight.data_ptr() == embeddings.data_ptr():
+        # Tied input/output embeddings: merging into lm_head must not change the input
+        # embeddings, so give lm_head its own copy and record that the model is untied.
+        output.weight = torch.nn.Parameter(output.weight.detach().clone())
+        merged.config.tie_word_embeddings = False
+        if hasattr(merged.config, "get_text_config"):
+            merged.config.get_text_config().tie_word_embeddings = False
+    with torch.no_grad():
+        for path in lora.a:
+            try:
+                weight = merged.get_submodule(path).weight
+            except AttributeError:
+                raise AdapterError(f"the adapter targets {path}, which {base.name} does not have") from None
+            delta = lora.scale * (lora.b[path].float() @ lora.a[path].float())
+            if delta.shape != weight.shape:
+                raise AdapterError(f"adapter shape {tuple(delta.shape)} does not fit {path} {tuple(weight.shape)} of {base.name}")
+            weight += delta
+    merged.to(getattr(torch, dtype))
+    merged.config._name_or_path = f"{base.name} + {ckpt.label}"
+
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(str(tmp))
+        AutoTokenizer.from_pretrained(str(base.path)).save_pretrained(str(tmp))
+        for name in _TOKENIZER_FILES:  # keep e.g. the chat template file exactly as the base has it
+            if (base.path / name).exists() and not (tmp / name).exists():
+                shutil.copyfile(base.path / name, tmp / name)
+        (tmp / "tinkerd_export.json").write_text(json.dumps({"base_model": base.name, "adapter": ckpt.label}, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+# -- import adapter ------------------------------------------------------------------------
+
+
+def read_peft_adapter(peft_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(adapter_config, A by module path, B by module path), validated as plain LoRA."""
+    config_file = peft_dir / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError(f"{peft_dir} has no adapter_config.json: not a PEFT adapter directory")
+    config = json.loads(config_file.read_text())
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"only LoRA adapters can be imported, this one is {config.get('peft_type')}")
+    unsupported = [
+        what for what, bad in (
+            ("use_dora", config.get("use_dora")),
+            ("rank_pattern", config.get("rank_pattern")),
+            ("alpha_pattern", config.get("alpha_pattern")),
+            ("modules_to_save", config.get("modules_to_save")),
+            ("bias", config.get("bias", "none") not in (None, "none")),
+        ) if bad
+    ]
+    if unsupported:
+        raise AdapterError(f"adapter settings that tinkerd's LoRA does not have: {', '.join(unsupported)}")
+    if (peft_dir / "adapter_model.safetensors").is_file():
+        tensors = load_file(str(peft_dir / "adapter_model.safetensors"))
+    elif (peft_dir / "adapter_model.bin").is_file():
+        tensors = torch.load(peft_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise AdapterError(f"{peft_dir} has no adapter_model.safetensors (or .bin)")
+    a: dict[str, torch.Tensor] = {}
+    b: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            raise AdapterError(f"unsupported tensor {key!r}: only lora_A / lora_B weights of linear layers can be imported")
+        (a if match["which"] == "A" else b)[match["path"]] = tensor.detach().float().contiguous()
+    if not a or set(a) != set(b):
+        raise AdapterError("the adapter needs matching lora_A and lora_B weights for every module")
+    return config, a, b
+
+
+def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, name: str | None = None) -> str:
+    """Copy a PEFT LoRA into the data dir as a training checkpoint; returns its tinker:// path."""
+    peft_dir = peft_dir.expanduser()
+    config, a, b = read_peft_adapter(peft_dir)
+    db = _database(data_dir)
+    base = _base_model(model, config.get("base_model_name_or_path"), data_dir)
+    cfg = ModelConfig.from_hf(json.loads((base.path / "config.json").read_text()))
+    shapes = cfg.lora_shapes()
+    known = set(lora_module_paths(cfg, True, True, True))
+    rank = int(config.get("r") or next(iter(a.values())).shape[0])
+    for path in sorted(a):
+        if path not in known:
+            raise AdapterError(f"the adapter targets {path}, which tinkerd cannot train on {base.name} (known: attention, MLP, lm_head)")
+        in_features, out_features = shapes[path.rsplit(".", 1)[-1]]
+        if tuple(a[path].shape) != (rank, in_features) or tuple(b[path].shape) != (out_features, rank):
+            raise AdapterError(
+                f"{path}: lora_A {tuple(a[path].shape)} / lora_B {tuple(b[path].shape)} do not fit {base.name} "
+                f"with r={rank} (expected {(rank, in_features)} / {(out_features, rank)}): is this adapter for another model?"
+            )
+    alpha = float(config.get("lora_alpha", rank))
+    if config.get("use_rslora"):
+        alpha *= math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r); ours is alpha/r
+    train_attn = any(p.rsplit(".", 1)[-1] in ATTN_MODULES for p in a)
+    train_mlp = any(p.rsplit(".", 1)[-1] in MLP_MODULES for p in a)
+    train_unembed = "lm_head" in a
+    # tinkerd trains whole groups (attention / MLP / lm_head). Modules of a group the adapter
+    # leaves out get the usual fresh LoRA (random A, zero B): the outputs are unchanged and
+    # further training can still move them.
+    seed = int(uuid.uuid4().int % 2**31)
+    fresh = init_lora(cfg, lora_module_paths(cfg, train_attn, train_mlp, train_unembed), rank, alpha, seed, torch.device("cpu"))
+    weights = LoraWeights(a={**fresh.a, **a}, b={**fresh.b, **b}, scale=alpha / rank)
+
+    checkpoint_name = name or "imported"
+    if not _NAME_RE.match(checkpoint_name):
+        raise AdapterError(f"invalid checkpoint name {checkpoint_name!r}: use letters, digits, '.', '_' or '-'")
+    session_id = f"import-{uuid.uuid4().hex[:16]}"
+    run_id = f"{session_id}:train:0"
+    path = TinkerPath(run_id, "weights", checkpoint_name)
+    directory = data_dir / "checkpoints" / run_id / "weights" / f"{checkpoint_name}@{uuid.uuid4().hex[:8]}"
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"train_attn": train_attn, "train_mlp": train_mlp, "train_unembed": train_unembed, "seed": seed,
+             "imported_from": str(peft_dir.resolve())}
+    size = write_checkpoint_dir(directory, weights, rank, alpha, base.name, extra)
+    metadata = {"imported_from": str(peft_dir.resolve())}
+    with db.begin() as s:  # files first, rows last: the checkpoint exists once this commits
+        s.add(SessionRow(id=session_id, status="finished", tags=["import-adapter"], user_metadata=metadata))
+        s.add(RunRow(id=run_id, session_id=session_id, base_model=base.name, lora_rank=rank, train_attn=train_attn,
+                     train_mlp=train_mlp, train_unembed=train_unembed, seed=seed, user_metadata=metadata))
+        s.add(CheckpointRow(run_id=run_id, kind="weights", name=checkpoint_name, directory=str(directory), size_bytes=size,
+                            user_metadata=metadata, has_optimizer=False))
+    return str(path)
