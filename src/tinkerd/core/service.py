@@ -31,6 +31,7 @@ from tinkerd.engine.types import (
     AdamParams,
     AdapterRef,
     Datum,
+    ForwardBackwardCall,
     LoraSpec,
     SampleRequest,
     TrainResult,
@@ -230,8 +231,14 @@ class Service:
         self._touch(state.session_id)
         return state
 
-    def _dispatch(self, engine: Engine, job: Callable[[Engine], Any], entry: FutureEntry, on_done: Callable[[Any], Any] | None) -> None:
-        future: Future = engine.submit(job, engine)
+    def _dispatch(
+        self, engine: Engine, model_id: str, job: Callable[[Engine], Any] | ForwardBackwardCall, entry: FutureEntry,
+        on_done: Callable[[Any], Any] | None,
+    ) -> None:
+        if isinstance(job, ForwardBackwardCall):
+            future: Future = engine.submit_forward_backward(job)
+        else:
+            future = engine.submit_for(model_id, job, engine)
 
         def _complete(f: Future) -> None:
             try:
@@ -251,7 +258,7 @@ class Service:
         model_id: str,
         seq_id: int | None,
         kind: str,
-        job: Callable[[Engine], Any],
+        job: Callable[[Engine], Any] | ForwardBackwardCall,
         on_done: Callable[[Any], Any] | None = None,
     ) -> FutureEntry:
         state = self._model(model_id)
@@ -263,13 +270,13 @@ class Service:
             if run is not None:
                 run.last_request_time = utcnow()
         if seq_id is None or seq_id < state.next_seq:
-            self._dispatch(state.engine, job, entry, on_done)
+            self._dispatch(state.engine, model_id, job, entry, on_done)
             return entry
         state.seen[seq_id] = entry
         state.pending[seq_id] = (job, entry, on_done)
         while state.next_seq in state.pending:
             job_, entry_, on_done_ = state.pending.pop(state.next_seq)
-            self._dispatch(state.engine, job_, entry_, on_done_)
+            self._dispatch(state.engine, model_id, job_, entry_, on_done_)
             state.next_seq += 1
         for old in [s for s in state.seen if s < state.next_seq - _SEEN_WINDOW]:
             del state.seen[old]
@@ -351,8 +358,7 @@ class Service:
         except ProvenanceError as exc:
             raise BadRequest(str(exc)) from None
 
-        def job(engine: Engine) -> TrainResult:
-            return engine.forward_backward(model_id, datums, loss_fn, config, forward_only)
+        job = ForwardBackwardCall(model_id, datums, loss_fn, config, forward_only)
 
         def record(result: TrainResult) -> TrainResult:
             self._record_metrics(model_id, seq_id, "forward" if forward_only else "forward_backward", result.metrics)

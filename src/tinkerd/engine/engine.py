@@ -43,6 +43,7 @@ from tinkerd.engine.types import (
     AdamParams,
     AdapterRef,
     Datum,
+    ForwardBackwardCall,
     LoraSpec,
     SampledSequence,
     SampleRequest,
@@ -63,6 +64,14 @@ class TrainableAdapter:
     weights: LoraWeights
     optimizer: torch.optim.AdamW
     params: dict[str, torch.nn.Parameter]
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any] | None
+    future: Future
+    adapter_id: str | None = None  # None: a barrier nothing is batched across
+    call: ForwardBackwardCall | None = None
 
 
 @dataclass
@@ -107,6 +116,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None
         self._cv = threading.Condition()
+        self.stats = {"forward_backward_calls": 0, "forward_backward_passes": 0, "decode_steps": 0}
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -122,11 +132,22 @@ class Engine:
     # -- submission (any thread) -----------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
-        future: Future = Future()
+        """Run fn on the engine thread. Untagged jobs are barriers: nothing is batched across them."""
+        return self._enqueue(_Job(lambda: fn(*args, **kwargs), Future()))
+
+    def submit_for(self, adapter_id: str, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn on the engine thread as a request of `adapter_id` (other adapters may batch past it)."""
+        return self._enqueue(_Job(lambda: fn(*args), Future(), adapter_id=adapter_id))
+
+    def submit_forward_backward(self, call: ForwardBackwardCall) -> Future:
+        """A forward/backward that may share one pass with other adapters' queued calls."""
+        return self._enqueue(_Job(None, Future(), adapter_id=call.adapter_id, call=call))
+
+    def _enqueue(self, job: _Job) -> Future:
         with self._cv:
-            self._jobs.append((lambda: fn(*args, **kwargs), future))
+            self._jobs.append(job)
             self._cv.notify()
-        return future
+        return job.future
 
     def sample(self, request: SampleRequest) -> Future:
         future: Future = Future()
@@ -154,15 +175,15 @@ class Engine:
                 job = self._jobs.popleft() if self._jobs else None
                 new_samples = list(self._new_samples)
                 self._new_samples.clear()
-            if job is not None:
-                fn, future = job
-                if future.set_running_or_notify_cancel():
-                    try:
-                        future.set_result(fn())
-                    except BaseException as exc:  # noqa: BLE001 - reported to the caller
-                        if not isinstance(exc, (UserInputError, losses.LossInputError)):
-                            log.exception("engine job failed")
-                        future.set_exception(exc)
+            if job is not None and job.call is not None:
+                self._run_forward_backward_jobs([job, *self._take_batchable(job)])
+            elif job is not None and job.future.set_running_or_notify_cancel():
+                try:
+                    job.future.set_result(job.fn())
+                except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                    if not isinstance(exc, (UserInputError, losses.LossInputError)):
+                        log.exception("engine job failed")
+                    job.future.set_exception(exc)
             for request, future in new_samples:
                 try:
                     self._admit(request, future)
@@ -179,6 +200,57 @@ class Engine:
                         if not row.request.future.done():
                             row.request.future.set_exception(exc)
                     self._rows.clear()
+
+    def _take_batchable(self, first: _Job) -> list[_Job]:
+        """Queued forward/backward calls of other adapters that may run in `first`'s pass.
+
+        A call joins only if nothing of its adapter is queued before it (each adapter's
+        requests keep their order) and no untagged barrier job comes first.
+        """
+        taken: list[_Job] = []
+        seen = {first.adapter_id}
+        with self._cv:
+            for job in list(self._jobs):
+                if job.adapter_id is None:
+                    break
+                if job.adapter_id in seen:
+                    continue
+                seen.add(job.adapter_id)
+                if job.call is not None and job.call.forward_only == first.call.forward_only:
+                    taken.append(job)
+            for job in taken:
+                self._jobs.remove(job)
+        return taken
+
+    def _run_forward_backward_jobs(self, jobs: list[_Job]) -> None:
+        ready = []
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            call = job.call
+            try:
+                adapter = self._adapter(call.adapter_id)
+                try:
+                    config = losses.validate_loss_request(call.loss_fn, call.config)
+                except losses.LossInputError as exc:
+                    raise UserInputError(str(exc)) from None
+                self.validate_datums(call.datums, call.loss_fn)
+                ready.append((job, adapter, config))
+            except BaseException as exc:  # noqa: BLE001 - this call alone fails
+                if not isinstance(exc, (UserInputError, losses.LossInputError)):
+                    log.exception("forward_backward validation failed")
+                job.future.set_exception(exc)
+        if not ready:
+            return
+        try:
+            results = self._forward_backward_many([(a, j.call.datums, j.call.loss_fn, c) for j, a, c in ready], ready[0][0].call.forward_only)
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("forward_backward failed")
+            for job, _, _ in ready:
+                job.future.set_exception(exc)
+            return
+        for (job, _, _), result in zip(ready, results, strict=True):
+            job.future.set_result(result)
 
     # -- validation ------------------------------------------------------------------------
 
@@ -354,35 +426,56 @@ class Engine:
     def forward_backward(
         self, adapter_id: str, datums: list[Datum], loss_fn: str, config: dict, forward_only: bool
     ) -> TrainResult:
+        """One call, run directly on the calling (engine) thread."""
         adapter = self._adapter(adapter_id)
         try:
             config = losses.validate_loss_request(loss_fn, config)
         except losses.LossInputError as exc:
             raise UserInputError(str(exc)) from None
         self.validate_datums(datums, loss_fn)
-        outputs: list[dict[str, np.ndarray]] = []
-        per_datum_metrics: list[dict[str, float]] = []
-        for group in _token_budget_groups(datums, TOKENS_PER_TRAIN_PASS):
-            outs, mets = self._forward_backward_group(adapter, group, loss_fn, config, forward_only)
-            outputs += outs
-            per_datum_metrics += mets
-        return TrainResult(outputs=outputs, metrics=losses.reduce_metrics(per_datum_metrics))
+        return self._forward_backward_many([(adapter, datums, loss_fn, config)], forward_only)[0]
 
-    def _forward_backward_group(
-        self, adapter: TrainableAdapter, datums: list[Datum], loss_fn: str, config: dict, forward_only: bool
-    ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, float]]]:
-        lengths = [len(d.tokens) for d in datums]
-        tokens = torch.zeros(len(datums), max(lengths), dtype=torch.long)
-        for i, d in enumerate(datums):
+    def _forward_backward_many(
+        self, calls: list[tuple[TrainableAdapter, list[Datum], str, dict]], forward_only: bool
+    ) -> list[TrainResult]:
+        """Validated calls, possibly of different adapters, in shared passes of at most
+        TOKENS_PER_TRAIN_PASS padded tokens. Each adapter's LoRA sees only its own rows, so its
+        gradient comes only from its own datums."""
+        self.stats["forward_backward_calls"] += len(calls)
+        flat = [(c, d) for c, (_, datums, _, _) in enumerate(calls) for d in datums]
+        outputs: list[list[dict[str, np.ndarray]]] = [[] for _ in calls]
+        metrics: list[list[dict[str, float]]] = [[] for _ in calls]
+        for group in _token_budget_groups(flat, TOKENS_PER_TRAIN_PASS, key=lambda item: len(item[1].tokens)):
+            self._forward_backward_pass(calls, group, forward_only, outputs, metrics)
+        return [TrainResult(outputs=o, metrics=losses.reduce_metrics(m)) for o, m in zip(outputs, metrics, strict=True)]
+
+    def _forward_backward_pass(
+        self,
+        calls: list[tuple[TrainableAdapter, list[Datum], str, dict]],
+        group: list[tuple[int, Datum]],
+        forward_only: bool,
+        outputs: list[list[dict[str, np.ndarray]]],
+        metrics: list[list[dict[str, float]]],
+    ) -> None:
+        lengths = [len(d.tokens) for _, d in group]
+        tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        for i, (_, d) in enumerate(group):
             tokens[i, : lengths[i]] = torch.from_numpy(d.tokens.astype(np.int64))
         tokens = tokens.to(self.device)
-        outputs, metrics = [], []
+        segments: list[AdapterSegment] = []
+        for i, (c, _) in enumerate(group):  # rows of one call are contiguous in `group`
+            if segments and segments[-1].adapter is calls[c][0].weights:
+                segments[-1].end = i + 1
+            else:
+                segments.append(AdapterSegment(i, i + 1, calls[c][0].weights))
+        self.stats["forward_backward_passes"] += 1
         with torch.set_grad_enabled(not forward_only):
-            batch = AdapterBatch.single(adapter.weights, len(datums))
+            batch = AdapterBatch(segments)
             hidden = self.model.hidden_states(tokens, batch)
             logits = self.model.logits(hidden, batch)
             total = None
-            for i, d in enumerate(datums):
+            for i, (c, d) in enumerate(group):
+                _, _, loss_fn, config = calls[c]
                 inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in d.inputs.items()}
                 target_lp = target_logprobs(logits[i, : lengths[i]], inputs["target_tokens"])
                 stability = _stability(d, self.device) if d.stability is not None else None
@@ -390,11 +483,10 @@ class Engine:
                 total = result.loss if total is None else total + result.loss
                 out = {"logprobs": target_lp.detach().float().cpu().numpy()}
                 out.update({k: v.detach().float().cpu().numpy() for k, v in result.extra_outputs.items()})
-                outputs.append(out)
-                metrics.append(result.metrics)
+                outputs[c].append(out)
+                metrics[c].append(result.metrics)
             if not forward_only and total is not None and total.requires_grad:
                 total.backward()
-        return outputs, metrics
 
     def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
         adapter = self._adapter(adapter_id)
@@ -536,6 +628,7 @@ class Engine:
             active.future.set_result(active.result)
 
     def _decode_step(self) -> None:
+        self.stats["decode_steps"] += 1
         rows = self._rows
         n = len(rows)
         need_len = max(r.position for r in rows) + 1
@@ -590,15 +683,16 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return picked.reshape(targets.shape)
 
 
-def _token_budget_groups(datums: list[Datum], budget: int) -> list[list[Datum]]:
-    groups: list[list[Datum]] = [[]]
+def _token_budget_groups(items: list, budget: int, key: Callable[[Any], int]) -> list[list]:
+    """Consecutive groups whose padded size (rows × longest) stays within `budget`."""
+    groups: list[list] = [[]]
     longest = 0
-    for d in datums:
-        longest_next = max(longest, len(d.tokens))
+    for item in items:
+        longest_next = max(longest, key(item))
         if groups[-1] and longest_next * (len(groups[-1]) + 1) > budget:
             groups.append([])
-            longest_next = len(d.tokens)
-        groups[-1].append(d)
+            longest_next = key(item)
+        groups[-1].append(item)
         longest = longest_next
     return groups
 

@@ -109,3 +109,14 @@ class SampleRequest:
     is_cancelled: Callable[[int], bool] | None = None
 
 
+
+
+@dataclass
+class ForwardBackwardCall:
+    """One forward_backward / forward request; the engine may run calls of different adapters in one pass."""
+
+    adapter_id: str
+    datums: list[Datum]
+    loss_fn: str
+    config: dict
+    forward_only: bool

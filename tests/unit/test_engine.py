@@ -1,0 +1,100 @@
+"""The engine against transformers, and its batching promises, on the real default model."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from tinkerd.engine.engine import Engine
+from tinkerd.engine.model import AdapterBatch, KVCache
+from tinkerd.engine.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec, SampleRequest, SamplingParams
+
+TOKENS = np.array([1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 1024, 2, 88, 913], dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    eng = Engine("test", model_dir, device="cpu")
+    yield eng
+    eng.shutdown()
+
+
+def datum(tokens=TOKENS) -> Datum:
+    return Datum(tokens=tokens[:-1], inputs={"target_tokens": tokens[1:], "weights": np.ones(len(tokens) - 1, np.float32)})
+
+
+def test_logits_match_transformers(engine, model_dir):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    toks = torch.from_numpy(TOKENS)[None]
+    with torch.no_grad():
+        ours = engine.model.logits(engine.model.hidden_states(toks))
+        theirs = hf(toks).logits
+    assert torch.max(torch.abs(ours - theirs)).item() < 1e-3
+
+
+def test_decode_with_kv_cache_matches_a_full_pass(engine):
+    model = engine.model
+    toks = torch.from_numpy(TOKENS)[None]
+    with torch.no_grad():
+        full = model.logits(model.hidden_states(toks))[0]
+        kv: list = []
+        model.hidden_states(toks[:, :6], kv_out=kv)
+        cache = KVCache(model.cfg, 1, 32, model.device, model.dtype)
+        for layer, (k, v) in enumerate(kv):
+            cache.k[layer, 0, :, :6] = k[0]
+            cache.v[layer, 0, :, :6] = v[0]
+        for pos in range(6, len(TOKENS)):
+            step = model.logits(model.hidden_states(toks[:, pos : pos + 1], AdapterBatch.single(None, 1),
+                                                    positions=torch.tensor([[pos]]), cache=cache))[0, 0]
+            assert torch.max(torch.abs(step - full[pos])).item() < 1e-3
+
+
+def test_calls_of_different_adapters_share_a_pass_and_keep_their_own_gradients(engine):
+    run = lambda fn, *a: engine.submit(fn, *a).result()  # noqa: E731
+    for name in ("solo", "a", "b"):
+        run(engine.create_adapter, name, LoraSpec(rank=4, seed=1 if name != "b" else 2))
+    other = np.array([1, 77, 78, 79, 80, 81, 2], dtype=np.int64)
+    solo = run(engine.forward_backward, "solo", [datum()], "cross_entropy", {}, False)
+    run(engine.optim_step, "solo", AdamParams(learning_rate=1e-2))
+
+    # Hold the engine thread so both calls are queued, then release: they must run as one pass.
+    gate = threading.Event()
+    blocker = engine.submit(gate.wait)
+    before = dict(engine.stats)
+    fa = engine.submit_forward_backward(ForwardBackwardCall("a", [datum()], "cross_entropy", {}, False))
+    fb = engine.submit_forward_backward(ForwardBackwardCall("b", [datum(other)], "cross_entropy", {}, False))
+    gate.set()
+    blocker.result()
+    ra, rb = fa.result(), fb.result()
+    assert engine.stats["forward_backward_calls"] - before["forward_backward_calls"] == 2
+    assert engine.stats["forward_backward_passes"] - before["forward_backward_passes"] == 1
+    # "a" (same seed and data as "solo") got exactly solo's loss, logprobs and gradient.
+    assert ra.metrics["loss:sum"] == pytest.approx(solo.metrics["loss:sum"], rel=1e-5)
+    np.testing.assert_allclose(ra.outputs[0]["logprobs"], solo.outputs[0]["logprobs"], atol=1e-5)
+    assert rb.outputs[0]["logprobs"].shape == (len(other) - 1,)
+    run(engine.optim_step, "a", AdamParams(learning_rate=1e-2))
+    for path in engine.adapters["a"].weights.a:
+        torch.testing.assert_close(engine.adapters["a"].weights.a[path], engine.adapters["solo"].weights.a[path], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(engine.adapters["a"].weights.b[path], engine.adapters["solo"].weights.b[path], atol=1e-6, rtol=1e-5)
+
+
+def test_concurrent_samples_share_decode_steps_and_stay_deterministic(engine):
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=17, ignore_eos=True)
+    alone = engine.sample(SampleRequest(prompt=TOKENS[:5].tolist(), num_samples=1, params=params)).result()
+    before = engine.stats["decode_steps"]
+    futures = [
+        engine.sample(SampleRequest(prompt=TOKENS[: 4 + i].tolist(), num_samples=2,
+                                    params=SamplingParams(max_tokens=8, temperature=1.0, seed=100 + i, ignore_eos=True)))
+        for i in range(3)
+    ]
+    again = engine.sample(SampleRequest(prompt=TOKENS[:5].tolist(), num_samples=1, params=params))
+    for f in futures:
+        assert all(len(s.tokens) == 8 for s in f.result().sequences)
+    assert again.result().sequences[0].tokens == alone.sequences[0].tokens
+    # 4 requests x 8 tokens (the first token of each comes from its prefill): far fewer steps than one at a time.
+    assert engine.stats["decode_steps"] - before < 4 * 7
