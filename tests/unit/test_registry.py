@@ -1,0 +1,119 @@
+"""Registry pieces that need no server: signed URLs, file integrity checks, orphan sweep."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tinkerd.core.db import CheckpointRow, RunRow, open_database, utcnow
+from tinkerd.core.registry import Forbidden, Registry, check_checkpoint_files, disk_full_message
+from tinkerd.core.service import BadRequest, NotFound, TinkerPath
+
+RUN = "sess-x:train:0"
+
+
+def write_checkpoint(directory: Path, with_optimizer: bool = False) -> None:
+    directory.mkdir(parents=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 32}))
+    save_file({"a": torch.ones(2, 3)}, str(directory / "adapter_model.safetensors"))
+    if with_optimizer:
+        save_file({"m": torch.zeros(4)}, str(directory / "optimizer.safetensors"))
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    db = open_database(tmp_path / "tinkerd.sqlite")
+    directory = tmp_path / "checkpoints" / RUN / "external_weights" / "ext@1"
+    write_checkpoint(directory)
+    with db.begin() as s:
+        s.add(RunRow(id=RUN, session_id="sess-x", base_model="m", lora_rank=2))
+        s.add(CheckpointRow(run_id=RUN, kind="external_weights", name="ext", directory=str(directory)))
+    return Registry(db, tmp_path)
+
+
+def token_of(url: str) -> str:
+    return url.split("token=", 1)[1]
+
+
+def test_signed_urls_open_their_file_until_they_expire(registry: Registry, tmp_path: Path):
+    now = utcnow()
+    urls, expires = registry.download_urls(TinkerPath.parse(f"tinker://{RUN}/external_weights/ext"), "http://h/dl", now=now)
+    assert set(urls) == {"adapter_config.json", "adapter_model.safetensors"} and expires.tzinfo is not None
+    token = token_of(urls["adapter_config.json"])
+    assert registry.open_download(token, now=now).name == "adapter_config.json"
+    with pytest.raises(Forbidden, match="expired"):
+        registry.open_download(token, now=expires + dt.timedelta(seconds=1))
+    payload, signature = token.split(".")
+    with pytest.raises(Forbidden):
+        registry.open_download(payload + "." + signature[::-1], now=now)
+    # another data dir has another secret
+    other = Registry(registry.db, tmp_path / "elsewhere")
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(Forbidden):
+        other.open_download(token, now=now)
+    # the key persists: a restarted server still honours its URLs
+    assert Registry(registry.db, tmp_path).open_download(token, now=now).is_file()
+
+
+def test_urls_of_a_deleted_checkpoint_stop_working(registry: Registry):
+    path = TinkerPath.parse(f"tinker://{RUN}/external_weights/ext")
+    urls, _ = registry.download_urls(path, "http://h/dl")
+    registry.delete_checkpoint(path)
+    with pytest.raises(NotFound):
+        registry.open_download(token_of(urls["adapter_model.safetensors"]))
+
+
+def test_only_external_weights_get_urls(registry: Registry):
+    with pytest.raises(BadRequest, match="save_weights_external"):
+        registry.download_urls(TinkerPath.parse(f"tinker://{RUN}/weights/ext"), "http://h/dl")
+
+
+def test_check_checkpoint_files(tmp_path: Path):
+    good = tmp_path / "good"
+    write_checkpoint(good, with_optimizer=True)
+    check_checkpoint_files(good, "tinker://r/weights/good", with_optimizer=True)
+
+    truncated = tmp_path / "truncated"
+    write_checkpoint(truncated)
+    blob = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(blob[:-4])
+    with pytest.raises(BadRequest, match="tinker://r/weights/truncated is damaged"):
+        check_checkpoint_files(truncated, "tinker://r/weights/truncated")
+
+    no_optimizer = tmp_path / "no-opt"
+    write_checkpoint(no_optimizer)
+    check_checkpoint_files(no_optimizer, "p")
+    with pytest.raises(NotFound, match="optimizer.safetensors"):
+        check_checkpoint_files(no_optimizer, "p", with_optimizer=True)
+    with pytest.raises(NotFound):
+        check_checkpoint_files(tmp_path / "gone", "p")
+
+
+def test_disk_full_message():
+    assert "disk space" in disk_full_message(OSError(errno.ENOSPC, "No space left on device"))
+    assert "disk space" in disk_full_message(RuntimeError('IoError(Os { code: 28, kind: StorageFull, message: "No space left" })'))
+    assert disk_full_message(OSError(errno.EACCES, "Permission denied")) is None
+
+
+def test_orphan_sweep_keeps_exactly_the_listed_checkpoints(registry: Registry, tmp_path: Path):
+    kind_dir = tmp_path / "checkpoints" / RUN / "external_weights"
+    write_checkpoint(kind_dir / "ext@2")  # written, never committed
+    (tmp_path / "ephemeral" / "sess-x:sample:0").mkdir(parents=True)
+    removed = registry.remove_orphan_files()
+    assert [p.name for p in removed] == ["ext@2"]
+    assert (kind_dir / "ext@1").is_dir() and not (tmp_path / "ephemeral").exists()
+
+
+def test_ttl_bounds(registry: Registry):
+    path = TinkerPath.parse(f"tinker://{RUN}/external_weights/ext")
+    assert registry.set_ttl(path, 60) > utcnow()
+    assert registry.set_ttl(path, None) is None
+    for bad in (0, -1, 11 * 365 * 24 * 3600, "60", True):
+        with pytest.raises(BadRequest):
+            registry.set_ttl(path, bad)
