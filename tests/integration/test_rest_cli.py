@@ -298,6 +298,10 @@ def test_cli_checkpoint_list_info_publish_ttl_delete(world):
     assert not find().public
     tinker_cli(url, "checkpoint", "set-ttl", path, "--ttl", "7200")
     assert find().expires_at is not None
+    table = tinker_cli(url, "checkpoint", "list", "--run-id", run_a).stdout  # the table format renders our datetimes
+    assert "cli-managed" in table
+    assert "cli-managed" in tinker_cli(url, "checkpoint", "info", path).stdout
+    assert "a-state" in tinker_cli(url, "checkpoint", "list").stdout
     tinker_cli(url, "checkpoint", "set-ttl", path, "--remove")
     assert find().expires_at is None
     tinker_cli(url, "checkpoint", "delete", path, "-y")
