@@ -351,11 +351,14 @@ class Engine:
         unknown = set(paths) - set(self.cfg_paths_all())
         if unknown:
             raise UserInputError(f"checkpoint has LoRA weights for modules this model does not have: {sorted(unknown)[:3]}")
-        for path in expected - set(paths):
-            # A PEFT adapter may target a subset of a flag's modules: train the rest from zero.
-            shape = self.cfg.lora_shapes()[path.rsplit(".", 1)[-1]]
-            weights.a[path] = torch.zeros(spec.rank, shape[0], device=self.device)
-            weights.b[path] = torch.zeros(shape[1], spec.rank, device=self.device)
+        missing = sorted(expected - set(paths))
+        if missing:
+            # A PEFT adapter may target a subset of a flag's modules: the rest start as a fresh
+            # LoRA (random A, zero B) — unchanged outputs, but trainable (zero A and B would
+            # never receive a gradient).
+            fresh = init_lora(self.cfg, missing, spec.rank, spec.alpha, spec.seed, self.device)
+            weights.a.update(fresh.a)
+            weights.b.update(fresh.b)
         adapter = self._new_trainable(spec, weights)
         if with_optimizer:
             loaded = read_optimizer(directory)

@@ -165,6 +165,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One query token per row against that row's cached keys (GQA without copying K/V).
+
+    q [B, H, 1, D], keys/values [B, Hkv, T, D], mask [B, T] (True = attend). Plain matmuls:
+    the fused SDPA kernels rebuild their plans for every new cache length, which costs
+    more than the attention itself at decode sizes.
+    """
+    bsz, heads, _, dim = q.shape
+    kv_heads = keys.shape[1]
+    q = q.view(bsz, kv_heads, heads // kv_heads, dim)
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (dim**-0.5)  # [B, Hkv, G, T]
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).view(bsz, heads, 1, dim)
+
+
 class KVCache:
     """Per-layer K/V for up to `rows` sequences of up to `length` tokens each.
 
@@ -278,7 +294,7 @@ class LlamaModel(torch.nn.Module):
             keys = cache.k[layer, :bsz, :, :span]
             values = cache.v[layer, :bsz, :, :span]
             mask = torch.arange(span, device=x.device)[None, :] <= pos[:, None]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None, :], enable_gqa=True)
+            out = _decode_attention(q, keys, values, mask)
         out = out.transpose(1, 2).reshape(bsz, seqlen, cfg.num_heads * cfg.head_dim)
         return self._linear(out, p + "o_proj", adapters)
 
