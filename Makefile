@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast lint bench clean
+.PHONY: serve test test-fast test-cookbook lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# tinker-cookbook 0.6.1 recipes, unmodified, against a real tinkerd (tests/acceptance).
+# Builds its own venv at .data/cookbook-venv on first use (PyPI), then reuses it.
+test-cookbook: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m acceptance -rA tests/acceptance
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
