@@ -24,11 +24,12 @@ serve: $(STAMP)
 	$(VENV)/bin/tinkerd import-model
 	$(VENV)/bin/tinkerd serve --host $(HOST) --port $(PORT)
 
+# The cookbook acceptance tier (tests/acceptance) runs only under `make test-cookbook`.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not acceptance" tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not acceptance" tests
 
 # tinker-cookbook 0.6.1 recipes, unmodified, against a real tinkerd (tests/acceptance).
 # Builds its own venv at .data/cookbook-venv on first use (PyPI), then reuses it.
