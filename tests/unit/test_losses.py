@@ -259,6 +259,16 @@ def test_gspo_empty_mask_means_ratio_one() -> None:
     assert_close(grad, [-a for a in RL_ADV])
 
 
+def test_gspo_without_mask_takes_the_ratio_over_sampled_positions() -> None:
+    # tinker-cookbook's RL loop sends no sequence_ratio_mask; its prompt positions carry
+    # q = 0 and A = 0, exactly where RL_SEQ_MASK is 0, so the result must not change.
+    with_mask, grad_with = run_loss("gspo", RL_LP, rl_inputs())
+    without_mask, grad_without = run_loss("gspo", RL_LP, without(rl_inputs(), "sequence_ratio_mask"))
+    assert_close(without_mask.metrics["seq_ratio:mean"], with_mask.metrics["seq_ratio:mean"])
+    assert_close(without_mask.loss, with_mask.loss)
+    assert_close(grad_without, grad_with)
+
+
 def test_gspo_ratio_is_per_datum() -> None:
     # Masking out position 1 changes the mean over M: s = exp((-0.2 - 0.5 + 0.4) / 3).
     inputs = rl_inputs(sequence_ratio_mask=f32([0.0, 0.0, 1.0, 1.0, 1.0]))
@@ -462,7 +472,7 @@ DATUM_REJECTIONS = [
     ("ppo", without(rl_inputs(), "advantages"), 5, "'advantages'"),
     ("importance_sampling", without(rl_inputs(), "logprobs"), 5, "'logprobs'"),
     ("stable_reinforce", without(rl_inputs(), "target_tokens"), 5, "'target_tokens'"),
-    ("gspo", without(rl_inputs(), "sequence_ratio_mask"), 5, "'sequence_ratio_mask'"),
+    ("gspo", rl_inputs(sequence_ratio_mask=torch.zeros(4)), 5, "['sequence_ratio_mask'] must have shape"),
     ("cross_entropy", without(CE_INPUTS, "weights"), 3, "'weights'"),
     ("ppo", rl_inputs(), 6, "leading dimension 5"),
     ("ppo", rl_inputs(advantages=torch.zeros(4)), 5, "['advantages'] must have shape"),

@@ -112,13 +112,16 @@ _REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
-    # Required (PROPOSAL §2.6): without it prompt positions padded with q = 0 would
-    # silently enter the sequence ratio.
-    "gspo": ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask"),
+    # sequence_ratio_mask is optional (_OPTIONAL_INPUTS): tinker-cookbook's RL loop
+    # (rl/train.py, e.g. math_rl loss_fn=gspo) never sends it.
+    "gspo": ("target_tokens", "logprobs", "advantages"),
     # logprobs stays required even though recorded stability info wins over it: the
     # cookbook always sends it and it is the fallback while no record is wired in.
     "stable_reinforce": ("target_tokens", "logprobs", "advantages"),
 }
+
+# Per-token float inputs a loss reads when present; checked like required ones then.
+_OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"gspo": ("sequence_ratio_mask",)}
 
 # Losses whose clip bounds a datum may override per token with float inputs of the same
 # name (PROPOSAL §2.3, §7.6). Other losses ignore those keys like any unknown input.
@@ -320,7 +323,8 @@ def validate_datum_inputs(
             )
         )
     else:
-        for key in _REQUIRED_INPUTS[loss_fn][1:]:
+        present_optional = [k for k in _OPTIONAL_INPUTS.get(loss_fn, ()) if k in inputs]
+        for key in (*_REQUIRED_INPUTS[loss_fn][1:], *present_optional):
             tensor = _input_tensor(loss_fn, inputs, key)
             _check_per_token_float(key, tensor, n_tokens)
             finite_checks.append(
@@ -601,7 +605,13 @@ def _gspo(
     # §2.6 (GSPO-token): one ratio per datum, s = exp(mean_{i in M}(sg(lp_i) - q_i)).
     # Every token shares its value; each token's gradient flows through its own lp_i.
     sampler_lp, advantages = _rl_inputs("gspo", lp, inputs)
-    in_ratio = _float_input("gspo", inputs, "sequence_ratio_mask", like=lp) != 0
+    if "sequence_ratio_mask" in inputs:
+        in_ratio = _float_input("gspo", inputs, "sequence_ratio_mask", like=lp) != 0
+    else:
+        # No mask (the cookbook's RL loop sends none): the ratio is taken over the sampled
+        # positions, recognised as stable_reinforce does without provenance (prompt
+        # positions are padded with q = 0 and A = 0), never over q = 0 padding.
+        in_ratio = fallback_sampled_mask(sampler_lp, advantages)
     low, high = _checked_clip_bounds("gspo", inputs, config, lp)
     token_log_ratio = torch.where(
         in_ratio, lp.detach() - sampler_lp, torch.zeros_like(lp)
