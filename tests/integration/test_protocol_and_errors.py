@@ -122,7 +122,7 @@ def test_retrieve_future_long_polls(start_server):
     post(srv, "/api/v1/create_sampling_session", {"session_id": session, "sampling_session_seq_id": 0, "base_model": BASE, "type": "create_sampling_session"})
     sample = post(srv, "/api/v1/asample", {
         "num_samples": 1, "prompt": {"chunks": [{"tokens": TOKENS, "type": "encoded_text"}]},
-        "sampling_params": {"max_tokens": 400, "temperature": 1.0, "stop": [], "seed": 1},
+        "sampling_params": {"max_tokens": 200, "temperature": 1.0, "stop": [], "seed": 1},
         "sampling_session_id": f"{session}:sample:0", "seq_id": 0, "prompt_logprobs": False, "type": "sample",
     })
     assert sample.status_code == 200 and len(sample.json()["sample_sequence_ids"]) == 1
@@ -131,7 +131,7 @@ def test_retrieve_future_long_polls(start_server):
     held = time.time() - start
     assert r.json()["type"] == "try_again"
     assert held >= 1.5  # held, not answered at once
-    assert wait_result(srv, sample.json()["request_id"]).status_code == 200
+    assert wait_result(srv, sample.json()["request_id"], deadline=900).status_code == 200
 
 
 def test_idle_session_is_cleaned_up_but_checkpoints_stay(start_server):
