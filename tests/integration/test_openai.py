@@ -177,10 +177,11 @@ def test_prompt_shapes_n_and_choice_indices(oai: OpenAI, tokenizer):
     assert out.usage.prompt_tokens == 2 * len(ids) and out.usage.completion_tokens == 12
 
 
-def test_seed_makes_sampling_reproducible(oai: OpenAI, trained):
+def test_seed_makes_sampling_reproducible(oai: OpenAI):
+    # The base model: the trained adapter is too sure of itself for n draws to differ.
     def draw(seed: int) -> list[str]:
         out = oai.completions.create(
-            model=trained.path_a, prompt="My favourite animal is", max_tokens=8, temperature=1.0, top_p=0.95, n=3, seed=seed
+            model=MODEL_NAME, prompt="My favourite animal is", max_tokens=8, temperature=1.0, top_p=0.95, n=3, seed=seed
         )
         return [c.text for c in out.choices]
 

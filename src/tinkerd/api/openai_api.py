@@ -481,7 +481,7 @@ def _top(result_seq: Any, j: int) -> list[tuple[int, float]] | None:
 class Run:
     """The choices of one request: prompt p, sample i is choice p * n + i."""
 
-    def __init__(self, plan: Plan, echo_texts: list[str] | None = None):
+    def __init__(self, plan: Plan):
         self.plan = plan
         tokenizer = plan.engine.tokenizer
         eos = frozenset(getattr(plan.engine.cfg, "eos_token_ids", ()) or ())
@@ -491,7 +491,6 @@ class Run:
             for _ in range(plan.n)
         ]
         self.results: list[SampleResult | None] = [None] * len(plan.prompts)
-        self.echo_texts = echo_texts
         self.client_gone = False
 
     @property
@@ -687,7 +686,7 @@ class OpenAIFrontDoor:
         plan = Plan(engine, adapter, prompts, max_tokens=max_tokens, logprobs=req.logprobs,
                     echo_logprobs=echo and req.logprobs is not None, **knobs)
         echo_texts = [t if t is not None else tokenizer.decode(p, skip_special_tokens=False) for p, t in zip(prompts, prompt_texts, strict=True)]
-        run = Run(plan, echo_texts)
+        run = Run(plan)
         names = TokenNames(tokenizer, bool(req.return_tokens_as_token_ids))
         response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
