@@ -87,14 +87,22 @@ def test_concurrent_samples_share_decode_steps_and_stay_deterministic(engine):
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=17, ignore_eos=True)
     alone = engine.sample(SampleRequest(prompt=TOKENS[:5].tolist(), num_samples=1, params=params)).result()
     before = engine.stats["decode_steps"]
+    prefills = engine.stats["prefill_passes"]
+    gate = threading.Event()
+    blocker = engine.submit(gate.wait)  # hold the engine so all four arrive together
     futures = [
         engine.sample(SampleRequest(prompt=TOKENS[: 4 + i].tolist(), num_samples=2,
                                     params=SamplingParams(max_tokens=8, temperature=1.0, seed=100 + i, ignore_eos=True)))
         for i in range(3)
     ]
-    again = engine.sample(SampleRequest(prompt=TOKENS[:5].tolist(), num_samples=1, params=params))
+    again = engine.sample(SampleRequest(prompt=TOKENS[:5].tolist(), num_samples=1, params=SamplingParams(
+        max_tokens=8, temperature=1.0, seed=17, ignore_eos=True)))
+    gate.set()
+    blocker.result()
     for f in futures:
         assert all(len(s.tokens) == 8 for s in f.result().sequences)
     assert again.result().sequences[0].tokens == alone.sequences[0].tokens
     # 4 requests x 8 tokens (the first token of each comes from its prefill): far fewer steps than one at a time.
     assert engine.stats["decode_steps"] - before < 4 * 7
+    assert engine.stats["prefill_passes"] - prefills == 1  # the four prompts shared one prefill pass
+    np.testing.assert_allclose(again.result().sequences[0].logprobs, alone.sequences[0].logprobs, atol=1e-4)

@@ -116,7 +116,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None
         self._cv = threading.Condition()
-        self.stats = {"forward_backward_calls": 0, "forward_backward_passes": 0, "decode_steps": 0}
+        self.stats = {"forward_backward_calls": 0, "forward_backward_passes": 0, "decode_steps": 0, "prefill_passes": 0}
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -184,13 +184,8 @@ class Engine:
                     if not isinstance(exc, (UserInputError, losses.LossInputError)):
                         log.exception("engine job failed")
                     job.future.set_exception(exc)
-            for request, future in new_samples:
-                try:
-                    self._admit(request, future)
-                except BaseException as exc:  # noqa: BLE001
-                    if not isinstance(exc, UserInputError):
-                        log.exception("sample admission failed")
-                    future.set_exception(exc)
+            if new_samples:
+                self._admit_all(new_samples)
             if self._rows:
                 try:
                     self._decode_step()
@@ -512,27 +507,74 @@ class Engine:
 
     # -- sampling --------------------------------------------------------------------------
 
-    def _admit(self, request: SampleRequest, future: Future) -> None:
-        if not future.set_running_or_notify_cancel():
-            return
-        prompt = request.prompt
-        self.check_tokens(prompt, "prompt")
-        if len(prompt) >= self.max_context:
-            raise UserInputError(f"prompt has {len(prompt)} tokens; the model's context length is {self.max_context}")
-        params = request.params
-        params.max_tokens = max(0, min(params.max_tokens, self.max_context - len(prompt)))
-        adapter = self._sampler_adapter(request.adapter)
-        batch = AdapterBatch.single(adapter, 1)
+    def _admit_all(self, pending: list[tuple[SampleRequest, Future]]) -> None:
+        """Prefill every newly arrived request, in shared passes, and add its rows to the batch."""
+        ready: list[tuple[SampleRequest, Future, LoraWeights | None]] = []
+        for request, future in pending:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                prompt = request.prompt
+                self.check_tokens(prompt, "prompt")
+                if len(prompt) >= self.max_context:
+                    raise UserInputError(f"prompt has {len(prompt)} tokens; the model's context length is {self.max_context}")
+                request.params.max_tokens = max(0, min(request.params.max_tokens, self.max_context - len(prompt)))
+                ready.append((request, future, self._sampler_adapter(request.adapter)))
+            except BaseException as exc:  # noqa: BLE001 - this request alone fails
+                if not isinstance(exc, UserInputError):
+                    log.exception("sample admission failed")
+                future.set_exception(exc)
+        for group in _token_budget_groups(ready, TOKENS_PER_TRAIN_PASS, key=lambda item: len(item[0].prompt)):
+            try:
+                self._prefill(group)
+            except BaseException as exc:  # noqa: BLE001
+                log.exception("prefill failed")
+                for _, future, _ in group:
+                    if not future.done():
+                        future.set_exception(exc)
+
+    def _prefill(self, group: list[tuple[SampleRequest, Future, LoraWeights | None]]) -> None:
+        """One causal pass over right-padded prompts (row i uses request i's adapter)."""
+        lengths = [len(request.prompt) for request, _, _ in group]
+        tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        for i, (request, _, _) in enumerate(group):
+            tokens[i, : lengths[i]] = torch.tensor(request.prompt)
+        tokens = tokens.to(self.device)
+        segments: list[AdapterSegment] = []
+        for i, (_, _, adapter) in enumerate(group):
+            if segments and segments[-1].adapter is adapter:
+                segments[-1].end = i + 1
+            else:
+                segments.append(AdapterSegment(i, i + 1, adapter))
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        tokens = torch.tensor([prompt], device=self.device)
-        hidden = self.model.hidden_states(tokens, batch, kv_out=kv)
-        want_prompt = request.prompt_logprobs or request.topk_prompt_logprobs > 0
-        logits = self.model.logits(hidden if want_prompt else hidden[:, -1:], batch)[0]
+        self.stats["prefill_passes"] += 1
+        hidden = self.model.hidden_states(tokens, AdapterBatch(segments), kv_out=kv)
+        for i, (request, future, adapter) in enumerate(group):
+            n = lengths[i]
+            own_kv = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv]
+            want_prompt = request.prompt_logprobs or request.topk_prompt_logprobs > 0
+            rows_hidden = hidden[i : i + 1, :n] if want_prompt else hidden[i : i + 1, n - 1 : n]
+            logits = self.model.logits(rows_hidden, AdapterBatch.single(adapter, 1))[0]
+            self._start_request(request, future, adapter, tokens[i, :n], logits, own_kv)
+
+    def _start_request(
+        self,
+        request: SampleRequest,
+        future: Future,
+        adapter: LoraWeights | None,
+        tokens: torch.Tensor,
+        logits: torch.Tensor,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """From a request's prefill logits (all positions, or only the last): prompt scores,
+        the first sampled token of each sample, and rows in the running batch."""
+        prompt = request.prompt
+        params = request.params
         result = SampleResult(sequences=[])
-        if want_prompt:
+        if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
             lsm = torch.log_softmax(logits[:-1], dim=-1)
             if request.prompt_logprobs:
-                got = lsm.gather(-1, tokens[0, 1:, None])[:, 0]
+                got = lsm.gather(-1, tokens[1:, None])[:, 0]
                 result.prompt_logprobs = [float("nan")] + got.cpu().tolist()
                 if request.prompt_logprobs_last_n is not None:
                     cut = max(0, len(prompt) - request.prompt_logprobs_last_n)
