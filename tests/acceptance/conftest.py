@@ -24,7 +24,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for record in TIMINGS:
         terminalreporter.write_line(
             f"{record['scenario']:<34} exit={record['exit']} steps={record['steps']} wall={record['wall_s']}s "
-            f"mean/step={record['mean_s_per_step']}s after-first={record['mean_s_per_step_after_first']}s"
+            f"mean/step={record['mean_s_per_step']}s after-first={record['mean_s_per_step_after_first']}s "
+            f"matmul-GFLOP/s={record['matmul_gflops_start_end']} (quiet box ~165)"
         )
     terminalreporter.write_line(f"written to {RESULTS_PATH}")
 

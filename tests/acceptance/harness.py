@@ -81,6 +81,23 @@ class RecipeRun:
         return seconds
 
 
+def matmul_gflops(seconds: float = 1.0) -> float:
+    """fp32 GFLOP/s of this machine right now, at SmolLM2's MLP shape (512x576 @ 576x1536).
+
+    design.md gives ~165 on a quiet 2-core box; other work on the machine lowers it.
+    Recorded beside each run's step times so timings from busy and quiet runs compare.
+    """
+    import torch
+
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    a @ b  # warm-up
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        a @ b
+        count += 1
+    return 2 * 512 * 576 * 1536 * count / elapsed / 1e9
+
+
 class Cookbook:
     """Runs cookbook recipe modules in the cookbook venv against one tinkerd."""
 
@@ -134,6 +151,7 @@ class Cookbook:
         output_path = self.runs_dir / f"{name}.out"
         started = time.time()
         load_before = os.getloadavg()[0]
+        gflops_before = matmul_gflops()
         timed_out = False
         with open(output_path, "wb") as out:
             out.write(("$ " + " ".join(cmd) + "\n").encode())
@@ -150,6 +168,7 @@ class Cookbook:
         run = RecipeRun(name, log_path, output_path, returncode, time.time() - started, self.server, timed_out)
         # Other work on the machine slows every step; keep the load beside the timings.
         run.extra["loadavg_1m"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+        run.extra["matmul_gflops"] = [round(gflops_before, 1), round(matmul_gflops(), 1)]
         _record_timing(run, first_step)
         return run
 
@@ -168,6 +187,7 @@ def _record_timing(run: RecipeRun, first_step: int) -> None:
         # Steady state: the first step also pays for adapter creation and warm-up.
         "mean_s_per_step_after_first": round(sum(steps[1:]) / len(steps[1:]), 2) if len(steps) > 1 else None,
         "loadavg_1m_start_end": run.extra.get("loadavg_1m"),
+        "matmul_gflops_start_end": run.extra.get("matmul_gflops"),
         "cpu_count": os.cpu_count(),
     }
     for key in sample_keys:
