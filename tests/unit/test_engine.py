@@ -106,3 +106,35 @@ def test_concurrent_samples_share_decode_steps_and_stay_deterministic(engine):
     assert engine.stats["decode_steps"] - before < 4 * 7
     assert engine.stats["prefill_passes"] - prefills == 1  # the four prompts shared one prefill pass
     np.testing.assert_allclose(again.result().sequences[0].logprobs, alone.sequences[0].logprobs, atol=1e-4)
+
+
+def test_rows_of_different_adapters_decode_together_as_they_would_alone(engine, tmp_path):
+    from tinkerd.engine.types import AdapterRef
+
+    run = lambda fn, *a: engine.submit(fn, *a).result()  # noqa: E731
+    refs = []
+    for i, rank in enumerate((4, 8)):
+        name = f"mix{i}"
+        run(engine.create_adapter, name, LoraSpec(rank=rank, seed=i))
+        for _ in range(2):
+            run(engine.forward_backward, name, [datum(TOKENS[i:])], "cross_entropy", {}, False)
+            run(engine.optim_step, name, AdamParams(learning_rate=2e-2))
+        run(engine.save_adapter, name, tmp_path / name, False, f"key-{name}")
+        refs.append(AdapterRef(f"key-{name}", tmp_path / name))
+    refs.append(None)  # base-model rows in the same step
+
+    def request(ref):
+        return SampleRequest(prompt=TOKENS[:6].tolist(), num_samples=2, adapter=ref,
+                             params=SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+
+    alone = [engine.sample(request(ref)).result() for ref in refs]
+    gate = threading.Event()
+    blocker = engine.submit(gate.wait)
+    together = [engine.sample(request(ref)) for ref in refs]
+    gate.set()
+    blocker.result()
+    for solo, mixed in zip(alone, together, strict=True):
+        for a, b in zip(solo.sequences, mixed.result().sequences, strict=True):
+            assert a.tokens == b.tokens
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+    assert alone[0].sequences[0].tokens != alone[2].sequences[0].tokens or alone[0].sequences[0].logprobs != alone[2].sequences[0].logprobs

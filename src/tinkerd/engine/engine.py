@@ -32,8 +32,10 @@ from tinkerd.engine.lora_io import read_checkpoint_dir, read_optimizer, write_ch
 from tinkerd.engine.model import (
     AdapterBatch,
     AdapterSegment,
+    GroupedLora,
     KVCache,
     LlamaModel,
+    LoraStacks,
     LoraWeights,
     init_lora,
     lora_module_paths,
@@ -111,6 +113,7 @@ class Engine:
         self.adapters: dict[str, TrainableAdapter] = {}
         self._sampler_cache: OrderedDict[str, LoraWeights] = OrderedDict()
         self._sampler_cache_size = sampler_cache_size
+        self._lora_stacks: OrderedDict = OrderedDict()  # adapter set → stacked LoRA weights for mixed decode
         self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
         self._new_samples: deque[tuple[SampleRequest, Future]] = deque()
         self._rows: list[_Row] = []
@@ -681,7 +684,7 @@ class Engine:
             self._cache = self._cache.grown(self._cache.rows, max(need_len, min(2 * self._cache.length, self.max_context + 1)))
         tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
         positions = torch.tensor([[r.position] for r in rows], device=self.device)
-        batch = _row_adapter_batch([r.request.adapter for r in rows], self.device)
+        batch = _row_adapter_batch([r.request.adapter for r in rows], self.device, self._lora_stacks)
         hidden = self.model.hidden_states(tokens, batch, positions=positions, cache=self._cache)
         logits = self.model.logits(hidden, batch)[:, 0]
         for row in rows:
@@ -700,16 +703,27 @@ class Engine:
             self._rows = new_rows
 
 
-def _row_adapter_batch(adapters: list[LoraWeights | None], device: torch.device) -> AdapterBatch:
-    """Group decode rows by adapter (rows of one adapter need not be contiguous)."""
+def _row_adapter_batch(
+    adapters: list[LoraWeights | None], device: torch.device, stack_cache: OrderedDict
+) -> AdapterBatch:
+    """Decode rows by adapter: one adapter → plain; several → grouped batched LoRA."""
     if all(a is adapters[0] for a in adapters):
         return AdapterBatch.single(adapters[0], len(adapters))
-    groups: dict[int, tuple[LoraWeights | None, list[int]]] = {}
-    for i, a in enumerate(adapters):
-        groups.setdefault(id(a), (a, []))[1].append(i)
-    return AdapterBatch(
-        [AdapterSegment(0, 0, a, rows=torch.tensor(idx, device=device)) for a, idx in groups.values()]
-    )
+    order: dict[int, int] = {}
+    distinct: list[LoraWeights | None] = []
+    for a in adapters:
+        if id(a) not in order:
+            order[id(a)] = len(distinct)
+            distinct.append(a)
+    key = tuple(id(a) for a in distinct)
+    stacks = stack_cache.get(key)
+    if stacks is None:
+        stacks = stack_cache[key] = LoraStacks(tuple(distinct))
+        while len(stack_cache) > 4:
+            stack_cache.popitem(last=False)
+    stack_cache.move_to_end(key)
+    grouped = GroupedLora.build(stacks, [order[id(a)] for a in adapters], device)
+    return AdapterBatch([AdapterSegment(0, len(adapters), None)], grouped=grouped)
 
 
 def _stability(datum: Datum, device: torch.device | None = None) -> losses.StabilityInfo:

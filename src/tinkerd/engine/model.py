@@ -111,7 +111,6 @@ class AdapterSegment:
     start: int
     end: int
     adapter: LoraWeights | None
-    rows: torch.Tensor | None = None  # explicit row indices instead of start:end (inference only)
 
 
 @dataclass
@@ -119,6 +118,7 @@ class AdapterBatch:
     """Which adapter each batch row uses: contiguous row segments."""
 
     segments: list[AdapterSegment] = field(default_factory=list)
+    grouped: GroupedLora | None = None  # set for scattered decode rows of several adapters
 
     @classmethod
     def single(cls, adapter: LoraWeights | None, rows: int) -> AdapterBatch:
@@ -126,17 +126,13 @@ class AdapterBatch:
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
         """y (= x @ W.T) plus each row's adapter update for module `path`."""
-        if len(self.segments) == 1 and self.segments[0].rows is None:
+        if self.grouped is not None:
+            return self.grouped.apply(y, x, path)
+        if len(self.segments) == 1:
             adapter = self.segments[0].adapter
             if adapter is None or path not in adapter.a:
                 return y
             return y + _lora_delta(x, adapter, path)
-        if self.segments[0].rows is not None:
-            # Scattered rows: in-place updates, valid only without autograd (decode).
-            for seg in self.segments:
-                if seg.adapter is not None and path in seg.adapter.a:
-                    y[seg.rows] += _lora_delta(x[seg.rows], seg.adapter, path)
-            return y
         parts = []
         for seg in self.segments:
             ys = y[seg.start : seg.end]
@@ -144,6 +140,84 @@ class AdapterBatch:
                 ys = ys + _lora_delta(x[seg.start : seg.end], seg.adapter, path)
             parts.append(ys)
         return torch.cat(parts, dim=0)
+
+
+class LoraStacks:
+    """Per-module stacks of several adapters' LoRA weights, [G, in, r] and [G, r, out].
+
+    Ranks are padded with zeros (a zero column of A and row of B add nothing) and each
+    adapter's scale is folded into B. Built lazily per module and kept while the same set
+    of adapters keeps decoding together.
+    """
+
+    def __init__(self, adapters: tuple[LoraWeights | None, ...]):
+        self.adapters = adapters  # keeps them alive: the cache key is their identity
+        self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def get(self, path: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if path not in self._stacks:
+            present = [a for a in self.adapters if a is not None and path in a.a]
+            if not present:
+                self._stacks[path] = None
+            else:
+                rank = max(a.a[path].shape[0] for a in present)
+                ref_a, ref_b = present[0].a[path], present[0].b[path]
+                a_stack = torch.zeros(len(self.adapters), ref_a.shape[1], rank, device=like.device, dtype=like.dtype)
+                b_stack = torch.zeros(len(self.adapters), rank, ref_b.shape[0], device=like.device, dtype=like.dtype)
+                for g, adapter in enumerate(self.adapters):
+                    if adapter is not None and path in adapter.a:
+                        r = adapter.a[path].shape[0]
+                        a_stack[g, :, :r] = adapter.a[path].t().to(like.dtype)
+                        b_stack[g, :r, :] = (adapter.b[path].t() * adapter.scale).to(like.dtype)
+                self._stacks[path] = (a_stack, b_stack)
+        return self._stacks[path]
+
+
+@dataclass
+class GroupedLora:
+    """Rows of several adapters in one decode step: two batched matmuls per module.
+
+    Rows are gathered into a [G, max_rows] layout (the Punica / S-LoRA idea), so the cost
+    per module is a gather, two bmm and a scatter-add however many adapters share the step.
+    """
+
+    stacks: LoraStacks
+    gather_index: torch.Tensor  # [G * max_rows] row of x for each slot (n = a zero row)
+    slot_valid: torch.Tensor  # [G * max_rows] bool
+    scatter_index: torch.Tensor  # rows receiving the valid slots, in slot order
+    groups: int
+    max_rows: int
+
+    @classmethod
+    def build(cls, stacks: LoraStacks, row_groups: list[int], device: torch.device) -> GroupedLora:
+        members: list[list[int]] = [[] for _ in stacks.adapters]
+        for row, g in enumerate(row_groups):
+            members[g].append(row)
+        max_rows = max(len(m) for m in members)
+        n = len(row_groups)
+        gather = [m[i] if i < len(m) else n for m in members for i in range(max_rows)]
+        valid = [i < len(m) for m in members for i in range(max_rows)]
+        return cls(
+            stacks=stacks,
+            gather_index=torch.tensor(gather, device=device),
+            slot_valid=torch.tensor(valid, device=device),
+            scatter_index=torch.tensor([r for r, ok in zip(gather, valid, strict=True) if ok], device=device),
+            groups=len(members),
+            max_rows=max_rows,
+        )
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
+        stacked = self.stacks.get(path, x)
+        if stacked is None:
+            return y
+        a_stack, b_stack = stacked
+        flat = x.reshape(x.shape[0], -1)
+        padded = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])[self.gather_index]
+        padded = padded.view(self.groups, self.max_rows, -1)
+        delta = torch.bmm(torch.bmm(padded, a_stack), b_stack).view(self.groups * self.max_rows, -1)
+        out = y.reshape(y.shape[0], -1)
+        out.index_add_(0, self.scatter_index, delta[self.slot_valid])
+        return y
 
 
 def _lora_delta(x: torch.Tensor, adapter: LoraWeights, path: str) -> torch.Tensor:
