@@ -58,7 +58,7 @@ class Server:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 120.0) -> Server:
+    def start(self, timeout: float = 300.0) -> Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable, "-m", "tinkerd.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
