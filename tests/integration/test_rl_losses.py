@@ -57,7 +57,7 @@ def test_each_rl_loss_trains_on_its_own_samples(rollouts, loss_fn, config):
     out = tc.forward(data, loss_fn, config).result()
     assert np.isfinite(out.metrics["loss:sum"])
     # On-policy: the trainer's logprobs of the sampled tokens equal the sampler's (ratio 1).
-    for d, s, o in zip(data, seqs, out.loss_fn_outputs, strict=True):
+    for s, o in zip(seqs, out.loss_fn_outputs, strict=True):
         train_lp = o["logprobs"].to_numpy()[-len(s.tokens):]
         assert np.max(np.abs(train_lp - np.array(s.logprobs))) < 1e-3
     fb = tc.forward_backward(data, loss_fn, config).result()

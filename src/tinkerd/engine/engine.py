@@ -753,7 +753,7 @@ def _token_budget_groups(items: list, budget: int, key: Callable[[Any], int]) ->
             longest_next = key(item)
         groups[-1].append(item)
         longest = longest_next
-    return groups
+    return [g for g in groups if g]
 
 
 
