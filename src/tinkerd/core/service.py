@@ -311,14 +311,7 @@ class Service:
         state.seen[0] = entry
 
         def on_done(_: Any) -> dict:
-            with self.db.begin() as s:
-                s.merge(
-                    RunRow(
-                        id=model_id, session_id=session_id, base_model=base_model, lora_rank=spec.rank,
-                        train_attn=spec.train_attn, train_mlp=spec.train_mlp, train_unembed=spec.train_unembed,
-                        seed=spec.seed, user_metadata=dict(user_metadata or {}),
-                    )
-                )
+            self._record_run(model_id, session_id, base_model, spec, user_metadata)
             return {"model_id": model_id}
 
         def on_fail_cleanup(f: Future) -> None:
@@ -329,6 +322,16 @@ class Service:
         fut.add_done_callback(on_fail_cleanup)
         self._chain(fut, entry, on_done)
         return model_id, entry
+
+    def _record_run(self, run_id: str, session_id: str, base_model: str, spec: LoraSpec, user_metadata: dict | None) -> None:
+        with self.db.begin() as s:
+            s.merge(
+                RunRow(
+                    id=run_id, session_id=session_id, base_model=base_model, lora_rank=spec.rank,
+                    train_attn=spec.train_attn, train_mlp=spec.train_mlp, train_unembed=spec.train_unembed,
+                    seed=spec.seed, user_metadata=dict(user_metadata or {}),
+                )
+            )
 
     def _chain(self, fut: Future, entry: FutureEntry, on_done: Callable[[Any], Any] | None) -> None:
         def _complete(f: Future) -> None:
@@ -527,14 +530,7 @@ class Service:
         state.seen[0] = entry
 
         def on_done(spec: LoraSpec) -> dict:
-            with self.db.begin() as s:
-                s.merge(
-                    RunRow(
-                        id=new_id, session_id=session_id, base_model=source_run.base_model, lora_rank=spec.rank,
-                        train_attn=spec.train_attn, train_mlp=spec.train_mlp, train_unembed=spec.train_unembed,
-                        seed=spec.seed, user_metadata=dict(user_metadata or source_run.user_metadata or {}),
-                    )
-                )
+            self._record_run(new_id, session_id, source_run.base_model, spec, user_metadata or source_run.user_metadata)
             return {"path": path, "model_id": new_id}
 
         fut = engine.submit(lambda: engine.load_adapter(new_id, directory, with_optimizer))
