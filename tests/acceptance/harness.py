@@ -176,7 +176,12 @@ class Cookbook:
 def _record_timing(run: RecipeRun, first_step: int) -> None:
     steps = run.step_seconds(first_step)
     rows = [row for row in run.metrics if row.get("step", 0) >= first_step]
-    sample_keys = sorted({k for row in rows for k in row if k.startswith("time/") and "sampl" in k and k.endswith((":total", "sample"))})
+    # Where an RL step's wall time goes (the 16 sample calls run concurrently inside
+    # time/sampling), and the sampler-vs-trainer log-prob gap.
+    breakdown_keys = (
+        "time/sampling", "time/train_step", "time/save_checkpoint", "time/policy_sample:mean", "time/policy_sample:max",
+        "optim/kl_sample_train_v1", "optim/kl_sample_train_v2", "async/staleness_max",
+    )
     record = {
         "scenario": run.name,
         "exit": run.returncode,
@@ -190,10 +195,10 @@ def _record_timing(run: RecipeRun, first_step: int) -> None:
         "matmul_gflops_start_end": run.extra.get("matmul_gflops"),
         "cpu_count": os.cpu_count(),
     }
-    for key in sample_keys:
+    for key in breakdown_keys:
         values = [row[key] for row in rows if isinstance(row.get(key), (int, float))]
         if values:
-            record[f"mean {key}"] = round(sum(values) / len(values), 2)
+            record[key] = [round(v, 2) if key.startswith("time/") else v for v in values]
     TIMINGS.append(record)
     RESULTS_PATH.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_PATH.write_text(json.dumps({"recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "runs": TIMINGS}, indent=1) + "\n")
