@@ -19,66 +19,15 @@ import argparse
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CACHE = Path(os.environ.get("TINKERD_TEST_CACHE", REPO / ".data" / "test-cache"))
+from bench.common import CACHE, REPO, Server  # the test suite's tinkerd process helper
+
 PROMPT = "The capital of France is"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model_dir: Path, data_dir: Path, log_path: Path):
-        self.model_dir, self.data_dir, self.log_path = model_dir, data_dir, log_path
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 180.0) -> Server:
-        import httpx
-
-        cmd = [sys.executable, "-m", "tinkerd.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--data-dir", str(self.data_dir), "--model", str(self.model_dir), "--log-level", "warning"]
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tinkerd exited:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.base_url + "/api/v1/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError("tinkerd did not start in time")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
 
 
 def first_token_seconds(client, model: str, max_tokens: int) -> tuple[float, float, str]:
@@ -130,7 +79,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="tinkerd-ttft-"))
     data_dir = work / "data"
-    server = Server(source.path, data_dir, work / "server.log").start()
+    server = Server(source.path, data_dir).start()
     results: dict[str, list[float]] = {"fresh_checkpoint": [], "base_model": [], "cached_checkpoint": [], "after_restart": []}
     save_seconds: list[float] = []
     paths: list[str] = []
@@ -152,7 +101,7 @@ def main() -> int:
             results["base_model"].append(first_token_seconds(client, source.name, args.max_tokens)[0])
             print(f"run {run}: fresh {ttft * 1000:.0f} ms", flush=True)
         server.stop()
-        server = Server(source.path, data_dir, work / "server.log").start()
+        server = Server(source.path, data_dir).start()
         client = OpenAI(base_url=server.base_url + "/oai/api/v1", api_key="tml-bench", max_retries=0)
         first_token_seconds(client, source.name, 2)
         for path in paths:
