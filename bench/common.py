@@ -1,7 +1,7 @@
 """What every benchmark shares: the imported model, a real tinkerd process, SDK clients,
 the in-process transformers baselines, the machine's matmul peak, and result rows.
 
-The server is the test suite's `Server` (tests/conftest.py): `tinkerd serve` as a
+The server is the test suite's `Server` (tests/tinkerd_testing.py): `tinkerd serve` as a
 subprocess on a free loopback port, driven by the unmodified tinker SDK. Baselines run in
 this process, never while the server is working: the machine has few cores and the two
 would compete for them.
@@ -9,7 +9,6 @@ would compete for them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -27,26 +26,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_conftest() -> Any:
-    """tests/conftest.py as a module: its `Server`, `free_port`, cache location and env setup.
+for _path in (REPO / "src", REPO / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+# The test suite's process helper; importing it also sets HF_HOME / HF_HUB_OFFLINE /
+# TINKER_TELEMETRY exactly as the tests do, so tokenizer lookups stay offline.
+from tinkerd_testing import CACHE, MODEL_NAME, Server  # noqa: E402
 
-    Importing it sets HF_HOME / HF_HUB_OFFLINE / TINKER_TELEMETRY exactly as the tests do,
-    so the SDK's tokenizer lookups stay offline and hit the same private cache.
-    """
-    spec = importlib.util.spec_from_file_location("tinkerd_tests_conftest", REPO / "tests" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-if str(REPO / "src") not in sys.path:
-    sys.path.insert(0, str(REPO / "src"))
-conftest = _load_conftest()
-Server = conftest.Server
-free_port = conftest.free_port
-CACHE: Path = conftest.CACHE
-MODEL_NAME: str = conftest.MODEL_NAME
 API_KEY = "tml-bench"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -14,7 +14,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cookbook_env import ensure_cookbook_venv  # noqa: E402
-from harness import REPO, RESULTS_PATH, TIMINGS, Cookbook  # noqa: E402
+from harness import RESULTS_PATH, TIMINGS, Cookbook  # noqa: E402
+
+from tinkerd_testing import Server  # noqa: E402
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -30,15 +32,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"written to {RESULTS_PATH}")
 
 
-def _root_conftest(config: pytest.Config):
-    """tests/conftest.py as pytest loaded it (it is not importable as a package module)."""
-    wanted = REPO / "tests" / "conftest.py"
-    for plugin in config.pluginmanager.get_plugins():
-        if getattr(plugin, "__file__", None) and Path(plugin.__file__).resolve() == wanted:
-            return plugin
-    raise RuntimeError(f"{wanted} is not loaded as a conftest")
-
-
 @pytest.fixture(scope="session")
 def cookbook_python() -> Path:
     return ensure_cookbook_venv()
@@ -48,7 +41,7 @@ def cookbook_python() -> Path:
 def cookbook(request: pytest.FixtureRequest, cookbook_python: Path, model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """One tinkerd for the module's recipes, as one user's server would be."""
     root = tmp_path_factory.mktemp("cookbook")
-    server = _root_conftest(request.config).Server(model_dir, root / "tinkerd-data").start()
+    server = Server(model_dir, root / "tinkerd-data").start()
     runs = root / "runs"
     runs.mkdir()
     yield Cookbook(cookbook_python, server, runs, model_dir)

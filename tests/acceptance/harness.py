@@ -37,7 +37,7 @@ class RecipeRun:
     output_path: Path  # the subprocess's stdout + stderr
     returncode: int | None
     wall_s: float
-    server: Any  # tests/conftest.py's Server
+    server: Any  # tests/tinkerd_testing.py: Server
     timed_out: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -119,7 +119,7 @@ class Cookbook:
             TINKER_BASE_URL=self.server.base_url,
             TINKER_API_KEY="tml-test",
             TINKER_TELEMETRY="0",
-            # HF_HOME points at the cache tests/conftest.py seeds; never touch the hub.
+            # HF_HOME points at the cache tests/tinkerd_testing.py sets up; never touch the hub.
             HF_HOME=os.environ["HF_HOME"],
             HF_HUB_OFFLINE="1",
             HF_DATASETS_OFFLINE="1",

@@ -59,7 +59,7 @@ def load_base(model_dir: Path):
 @pytest.fixture(scope="module")
 def trained(model_dir, tmp_path_factory, tokenizer):
     """A private server and one run trained hard enough that the adapter visibly matters."""
-    from conftest import Server
+    from tinkerd_testing import Server
 
     srv = Server(model_dir, tmp_path_factory.mktemp("export") / "data").start()
     try:

@@ -53,7 +53,7 @@ def checkpoint_dirs(data_dir: Path, run_id: str) -> set[str]:
 
 @pytest.fixture(scope="module")
 def world(model_dir, tmp_path_factory, tokenizer):
-    from conftest import Server
+    from tinkerd_testing import Server
 
     srv = Server(model_dir, tmp_path_factory.mktemp("rest") / "data").start()
     try:

@@ -50,7 +50,7 @@ def checkpoint_dir(data_dir: Path, tinker_path: str) -> Path:
 @pytest.fixture(scope="module")
 def restarted(model_dir, tmp_path_factory, tokenizer):
     """Train, save, sample, start a long request; kill -9 the server; start it again."""
-    from conftest import Server
+    from tinkerd_testing import Server
 
     srv = Server(model_dir, tmp_path_factory.mktemp("restart") / "data").start()
     try:

@@ -1,0 +1,91 @@
+"""The test suite's process helper: `tinkerd serve` as a subprocess on a free loopback port.
+
+A plain module (not a conftest) so tests, the acceptance tier and the benchmarks all import
+the same `Server` by name. Importing it points HF_HOME at the suite's private cache and
+turns off every hub lookup and telemetry, exactly as the tests expect.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("TINKERD_TEST_CACHE", REPO / ".data" / "test-cache"))
+MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+# Clients load the tokenizer by hub id: point them (and the servers) at a private HF cache
+# that the server seeds, and never touch the network.
+os.environ["HF_HOME"] = str(CACHE / "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["TINKER_TELEMETRY"] = "0"
+os.environ.setdefault("TINKER_API_KEY", "tml-test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, data_dir: Path, extra_args: list[str] | None = None, port: int | None = None):
+        self.model_dir = model_dir
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.extra_args = extra_args or []
+        self.proc: subprocess.Popen | None = None
+        self.log_path = data_dir.parent / f"server-{data_dir.name}-{self.port}.log"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 300.0) -> Server:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable, "-m", "tinkerd.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+            "--data-dir", str(self.data_dir), "--model", str(self.model_dir), "--log-level", "warning",
+            *self.extra_args,
+        ]
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tinkerd exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.base_url + "/api/v1/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"tinkerd did not start in {timeout}s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.kill(self.proc.pid, sig)
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        finally:
+            self._log.close()
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
