@@ -47,7 +47,23 @@ def test_top_k_and_top_p_support():
 
 
 def test_seeded_generators_repeat_and_differ_by_sample_index():
-    a = torch.empty(10).exponential_(generator=make_generator(5, 0, CPU))
-    b = torch.empty(10).exponential_(generator=make_generator(5, 0, CPU))
-    c = torch.empty(10).exponential_(generator=make_generator(5, 1, CPU))
+    a = torch.rand(10, generator=make_generator(5, 0, CPU))
+    b = torch.rand(10, generator=make_generator(5, 0, CPU))
+    c = torch.rand(10, generator=make_generator(5, 1, CPU))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    """Many seeded draws from one row: empirical frequencies match softmax(logits / T),
+    masked tokens never appear."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -30.0])
+    temperature = 0.8
+    draws = 4000
+    params = [SamplingParams(max_tokens=1, temperature=temperature)] * draws
+    chosen = choose_tokens(logits.expand(draws, -1), params, [make_generator(s, 0, CPU) for s in range(draws)])
+    freq = torch.bincount(chosen, minlength=6).double() / draws
+    expected = torch.softmax(logits.double() / temperature, -1)
+    assert torch.max(torch.abs(freq - expected)).item() < 0.025  # ~4 standard errors at these sizes
+    limited = choose_tokens(logits.expand(draws, -1), [SamplingParams(max_tokens=1, top_k=3)] * draws,
+                            [make_generator(s, 0, CPU) for s in range(draws)])
+    assert set(limited.tolist()) == {0, 1, 2}

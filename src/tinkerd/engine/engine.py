@@ -15,6 +15,7 @@ Callers get `concurrent.futures.Future`s; nothing here knows about HTTP or the S
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -106,6 +107,12 @@ class Engine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = LlamaModel.load(model_dir, self.device, self.dtype)
+        if os.environ.get("TINKERD_CPU_PACKED", "1") != "0":
+            self.packed = self.model.pack_for_cpu()
+        else:
+            self.packed = False
+        if self.device.type == "cpu":
+            log.info("engine %s: fp32 on CPU, oneDNN prepacked weights %s", name, "on" if self.packed else "off")
         self.cfg = self.model.cfg
         from transformers import AutoTokenizer
 
@@ -188,10 +195,12 @@ class Engine:
                         log.exception("engine job failed")
                     job.future.set_exception(exc)
             if new_samples:
-                self._admit_all(new_samples)
+                with torch.inference_mode():
+                    self._admit_all(new_samples)
             if self._rows:
                 try:
-                    self._decode_step()
+                    with torch.inference_mode():
+                        self._decode_step()
                 except BaseException as exc:  # noqa: BLE001 - fail every active request, keep serving
                     log.exception("decode step failed")
                     for row in self._rows:
@@ -551,14 +560,32 @@ class Engine:
                 segments.append(AdapterSegment(i, i + 1, adapter))
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stats["prefill_passes"] += 1
-        hidden = self.model.hidden_states(tokens, AdapterBatch(segments), kv_out=kv)
+        batch = AdapterBatch(segments)
+        hidden = self.model.hidden_states(tokens, batch, kv_out=kv)
+        # Every prompt's last position in one unembedding: its logits give the first token.
+        last_index = torch.tensor([n - 1 for n in lengths], device=self.device)
+        last_hidden = hidden[torch.arange(len(group), device=self.device), last_index][:, None]
+        last_logits = self.model.logits(last_hidden, batch)[:, 0]
+        started: list[tuple[list[_Row], list, int, int]] = []
+        row_sources: list[int] = []
         for i, (request, future, adapter) in enumerate(group):
             n = lengths[i]
-            own_kv = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv]
-            want_prompt = request.prompt_logprobs or request.topk_prompt_logprobs > 0
-            rows_hidden = hidden[i : i + 1, :n] if want_prompt else hidden[i : i + 1, n - 1 : n]
-            logits = self.model.logits(rows_hidden, AdapterBatch.single(adapter, 1))[0]
-            self._start_request(request, future, adapter, tokens[i, :n], logits, own_kv)
+            prompt_logits = None
+            if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
+                prompt_logits = self.model.logits(hidden[i : i + 1, :n], AdapterBatch.single(adapter, 1))[0]
+            rows = self._start_request(request, future, adapter, tokens[i, :n], prompt_logits)
+            if rows:
+                own_kv = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv]
+                started.append((rows, own_kv, n, request.params.max_tokens))
+                row_sources += [i] * len(rows)
+        if not started:
+            return
+        # The first token of every sample of every request in one batched choice.
+        self._accept_tokens([row for rows, *_ in started for row in rows], last_logits[torch.tensor(row_sources, device=self.device)])
+        for rows, own_kv, n, max_tokens in started:
+            live = [row for row in rows if not row.done]
+            if live:
+                self._place_rows(live, own_kv, n, max_tokens)
 
     def _start_request(
         self,
@@ -566,16 +593,15 @@ class Engine:
         future: Future,
         adapter: LoraWeights | None,
         tokens: torch.Tensor,
-        logits: torch.Tensor,
-        kv: list[tuple[torch.Tensor, torch.Tensor]],
-    ) -> None:
-        """From a request's prefill logits (all positions, or only the last): prompt scores,
-        the first sampled token of each sample, and rows in the running batch."""
+        prompt_logits: torch.Tensor | None,
+    ) -> list[_Row]:
+        """A prefilled request's prompt scores (from `prompt_logits`, every position, when it
+        asked for them) and its sample rows, which still need their first token."""
         prompt = request.prompt
         params = request.params
         result = SampleResult(sequences=[])
-        if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
-            lsm = torch.log_softmax(logits[:-1], dim=-1)
+        if prompt_logits is not None:
+            lsm = torch.log_softmax(prompt_logits[:-1], dim=-1)
             if request.prompt_logprobs:
                 got = lsm.gather(-1, tokens[1:, None])[:, 0]
                 result.prompt_logprobs = [float("nan")] + got.cpu().tolist()
@@ -589,20 +615,15 @@ class Engine:
                 result.topk_prompt_logprobs = [[-99999.0] * k] + top.values.cpu().tolist()
         active = _ActiveSample(request, future, adapter, result, remaining=request.num_samples)
         result.sequences = [None] * request.num_samples  # type: ignore[list-item]
-        last_logits = logits[-1]
         if params.max_tokens == 0:
             for i in range(request.num_samples):
                 result.sequences[i] = SampledSequence(tokens=[], logprobs=[], stop_reason="length")
             future.set_result(result)
-            return
-        rows = [
+            return []
+        return [
             _Row(active, i, make_generator(params.seed, i, self.device), position=len(prompt), last_token=-1)
             for i in range(request.num_samples)
         ]
-        self._accept_tokens(rows, last_logits[None, :].expand(len(rows), -1))
-        new_rows = [row for row in rows if not row.done]
-        if new_rows:
-            self._place_rows(new_rows, kv, len(prompt), params.max_tokens)
 
     def _place_rows(self, rows: list[_Row], kv: list, prompt_len: int, max_tokens: int) -> None:
         need_rows = len(self._rows) + len(rows)

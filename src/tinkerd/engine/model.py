@@ -215,9 +215,9 @@ class GroupedLora:
         padded = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])[self.gather_index]
         padded = padded.view(self.groups, self.max_rows, -1)
         delta = torch.bmm(torch.bmm(padded, a_stack), b_stack).view(self.groups * self.max_rows, -1)
-        out = y.reshape(y.shape[0], -1)
+        out = y.reshape(y.shape[0], -1)  # a copy when y is a strided slice of a fused output
         out.index_add_(0, self.scatter_index, delta[self.slot_valid])
-        return y
+        return out.view(y.shape)
 
 
 def _lora_delta(x: torch.Tensor, adapter: LoraWeights, path: str) -> torch.Tensor:
@@ -226,12 +226,46 @@ def _lora_delta(x: torch.Tensor, adapter: LoraWeights, path: str) -> torch.Tenso
     return (x @ a.t()) @ b.t() * adapter.scale
 
 
+def _onednn_available() -> bool:
+    return bool(
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def _packed_forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
+
+
+class _PackedLinear(torch.autograd.Function):
+    """x @ W.T (+ b) with oneDNN's prepacked copy of a frozen W; backward uses the plain W.
+
+    W and b never need gradients (the base model is frozen); x does when LoRA weights
+    upstream are being trained.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, packed_holder):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(weight)
+        return _packed_forward(x, packed_holder.packed, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (weight,) = ctx.saved_tensors
+        return grad @ weight, None, None, None
+
+
+@dataclass
+class _Packed:
+    """A prepacked weight, held outside autograd's view (its layout has no strides)."""
+
+    packed: torch.Tensor
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same order of operations as transformers' LlamaRMSNorm: normalise in fp32.
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    # As transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale (one fused op).
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -253,6 +287,46 @@ def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
     return torch.matmul(probs, values).view(bsz, heads, 1, dim)
+
+
+@dataclass
+class _DecodeStep:
+    """What every layer of one decode step shares: rows, positions, attended span, mask."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    span: int
+    mask: torch.Tensor
+
+    @classmethod
+    def of(cls, positions: torch.Tensor) -> _DecodeStep:
+        pos = positions[:, 0]
+        span = int(pos.max().item()) + 1
+        rows = torch.arange(pos.shape[0], device=pos.device)
+        mask = torch.arange(span, device=pos.device)[None, :] <= pos[:, None]
+        return cls(rows, pos, span, mask)
+
+
+def _fuse_projections(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """q/k/v and gate/up of each layer as one weight (one matmul instead of three or two).
+
+    The per-module names stay, as views into the fused tensor, so checkpoints, LoRA
+    module paths and anything reading a single projection see the usual layout.
+    """
+    for layer in range(cfg.num_layers):
+        for prefix, parts, fused in (
+            (f"model.layers.{layer}.self_attn.", ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+            (f"model.layers.{layer}.mlp.", ("gate_proj", "up_proj"), "gate_up_proj"),
+        ):
+            for kind in ("weight", "bias"):
+                names = [f"{prefix}{part}.{kind}" for part in parts]
+                if not all(n in weights for n in names):
+                    continue
+                whole = torch.cat([weights[n] for n in names], dim=0)
+                weights[f"{prefix}{fused}.{kind}"] = whole
+                for n, piece in zip(names, whole.split([weights[n].shape[0] for n in names], dim=0), strict=True):
+                    weights[n] = piece
+    return weights
 
 
 class KVCache:
@@ -295,7 +369,8 @@ class LlamaModel(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
         super().__init__()
         self.cfg = cfg
-        self.w = weights  # plain dict: frozen, never part of autograd
+        self.w = _fuse_projections(cfg, weights)  # plain dict: frozen, never part of autograd
+        self.packed: dict[str, _Packed] = {}  # oneDNN copies for CPU (pack_for_cpu)
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq.to(next(iter(weights.values())).device), persistent=False)
 
@@ -331,9 +406,45 @@ class LlamaModel(torch.nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # [B, 1, T, D]
 
+    def _base_linear(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        """x @ W.T (+ b) for a frozen base projection (q/k/v and gate/up are fused)."""
+        weight, bias = self.w[path + ".weight"], self.w.get(path + ".bias")
+        holder = self.packed.get(path)
+        if holder is None:
+            return F.linear(x, weight, bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _PackedLinear.apply(x, weight, bias, holder)
+        return _packed_forward(x, holder.packed, bias)
+
     def _linear(self, x: torch.Tensor, path: str, adapters: AdapterBatch | None) -> torch.Tensor:
-        y = F.linear(x, self.w[path + ".weight"], self.w.get(path + ".bias"))
+        y = self._base_linear(x, path)
         return adapters.apply(y, x, path) if adapters is not None else y
+
+    def pack_for_cpu(self) -> bool:
+        """Prepack every frozen projection for oneDNN (fp32 on CPU): a decode step reads the
+        weights in the layout the kernel wants instead of repacking them on every call, which
+        is what makes small-batch matmuls slow. Costs one more copy of the projection weights.
+        Returns whether packing is in use (a self-check compares it with F.linear)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or not _onednn_available():
+            return False
+        try:
+            packed = {}
+            for name, weight in self.w.items():
+                if not name.endswith(".weight") or "norm" in name or "embed_tokens" in name:
+                    continue
+                if name.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                    continue  # served through the fused qkv_proj / gate_up_proj
+                packed[name[: -len(".weight")]] = _Packed(torch.ops.mkldnn._reorder_linear_weight(weight))
+            probe = torch.randn(3, self.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+            path = "model.layers.0.self_attn.qkv_proj"
+            want = F.linear(probe, self.w[path + ".weight"], self.w.get(path + ".bias"))
+            got = _packed_forward(probe, packed[path].packed, self.w.get(path + ".bias"))
+            if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                return False
+        except (RuntimeError, KeyError):
+            return False
+        self.packed = packed
+        return True
 
     def _attention(
         self,
@@ -343,39 +454,46 @@ class LlamaModel(torch.nn.Module):
         sin: torch.Tensor,
         adapters: AdapterBatch | None,
         cache: KVCache | None,
-        positions: torch.Tensor | None,
+        decode: _DecodeStep | None,
         kv_out: list | None,
     ) -> torch.Tensor:
         cfg = self.cfg
         bsz, seqlen, _ = x.shape
         p = f"model.layers.{layer}.self_attn."
-        q = self._linear(x, p + "q_proj", adapters).view(bsz, seqlen, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        k = self._linear(x, p + "k_proj", adapters).view(bsz, seqlen, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self._linear(x, p + "v_proj", adapters).view(bsz, seqlen, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        if cache is None:
+        q_out, kv_out_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        qkv = self._base_linear(x, p + "qkv_proj")
+        q0, k0, v = qkv.split((q_out, kv_out_dim, kv_out_dim), dim=-1)
+        q, k = q0, k0
+        if adapters is not None:
+            q = adapters.apply(q0, x, p + "q_proj")
+            k = adapters.apply(k0, x, p + "k_proj")
+            v = adapters.apply(v, x, p + "v_proj")
+        # Rotary embedding on the query and key heads together (one set of element-wise ops).
+        qk = qkv[..., : q_out + kv_out_dim] if (q is q0 and k is k0) else torch.cat((q, k), dim=-1)
+        qk = qk.reshape(bsz, seqlen, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)
+        v = v.reshape(bsz, seqlen, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        if cache is None or decode is None:
             if kv_out is not None:
                 kv_out.append((k, v))
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
         else:
             # Decode: one new token per row at its own position; rows are 0..bsz-1.
-            rows = torch.arange(bsz, device=x.device)
-            pos = positions[:, 0]
-            cache.k[layer, rows, :, pos] = k[:, :, 0]
-            cache.v[layer, rows, :, pos] = v[:, :, 0]
-            span = int(pos.max().item()) + 1
-            keys = cache.k[layer, :bsz, :, :span]
-            values = cache.v[layer, :bsz, :, :span]
-            mask = torch.arange(span, device=x.device)[None, :] <= pos[:, None]
-            out = _decode_attention(q, keys, values, mask)
-        out = out.transpose(1, 2).reshape(bsz, seqlen, cfg.num_heads * cfg.head_dim)
+            cache.k[layer, decode.rows, :, decode.pos] = k[:, :, 0]
+            cache.v[layer, decode.rows, :, decode.pos] = v[:, :, 0]
+            keys = cache.k[layer, :bsz, :, : decode.span]
+            values = cache.v[layer, :bsz, :, : decode.span]
+            out = _decode_attention(q, keys, values, decode.mask)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, q_out)
         return self._linear(out, p + "o_proj", adapters)
 
     def _mlp(self, layer: int, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
-        gate = self._linear(x, p + "gate_proj", adapters)
-        up = self._linear(x, p + "up_proj", adapters)
+        gate, up = self._base_linear(x, p + "gate_up_proj").chunk(2, dim=-1)
+        if adapters is not None:
+            gate = adapters.apply(gate, x, p + "gate_proj")
+            up = adapters.apply(up, x, p + "up_proj")
         return self._linear(F.silu(gate) * up, p + "down_proj", adapters)
 
     # -- entry points --------------------------------------------------------------------
@@ -400,10 +518,11 @@ class LlamaModel(torch.nn.Module):
             positions = torch.arange(seqlen, device=tokens.device)[None, :].expand(bsz, seqlen)
         x = F.embedding(tokens, self.w["model.embed_tokens.weight"])
         cos, sin = self._rope(positions, x.dtype)
+        decode = _DecodeStep.of(positions) if cache is not None else None
         for layer in range(cfg.num_layers):
             p = f"model.layers.{layer}."
             h = _rms_norm(x, self.w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-            x = x + self._attention(layer, h, cos, sin, adapters, cache, positions, kv_out)
+            x = x + self._attention(layer, h, cos, sin, adapters, cache, decode, kv_out)
             h = _rms_norm(x, self.w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
             x = x + self._mlp(layer, h, adapters)
         return _rms_norm(x, self.w["model.norm.weight"], cfg.rms_norm_eps)

@@ -1,7 +1,9 @@
 """Token choice for one sequence: temperature, top-k, top-p, seeded randomness.
 
 Each sequence owns its own `torch.Generator`, so its tokens depend only on its seed and
-its own logits — never on what else shares the batch.
+its own logits — never on what else shares the batch. A sampled token costs one uniform
+draw per sequence (inverse CDF over the filtered distribution), not one per vocabulary
+entry.
 """
 
 from __future__ import annotations
@@ -25,21 +27,35 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return scaled
 
 
+def _uniform(generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.rand((), generator=generator, device=device, dtype=torch.float64)
+
+
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Index drawn from each row of probs [n, V] with the row's uniform in [0, 1).
+
+    The cumulative sum is taken in float64 and the uniform scaled by the row's total, so
+    the first index whose cumulative mass exceeds it always has non-zero probability.
+    """
+    cdf = probs.double().cumsum(-1)
+    target = (uniforms * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
 def choose_token(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator) -> int:
+    """The one-row reference `choose_tokens` must agree with."""
     if temperature <= 0.0:
         return int(torch.argmax(logits).item())
     filtered = filter_logits(logits, temperature, top_k, top_p)
     probs = torch.softmax(filtered, dim=-1)
-    # Exponential race (Gumbel-max equivalent): argmax p_i / E_i with E_i ~ Exp(1).
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int(torch.argmax(probs / noise).item())
+    return int(_inverse_cdf(probs[None], _uniform(generator, logits.device)[None]).item())
 
 
 def choose_tokens(logits: torch.Tensor, params: list, generators: list[torch.Generator]) -> torch.Tensor:
     """Token ids [n] for logits [n, V], one row per sequence with its own params and generator.
 
-    Greedy rows (temperature 0) take the argmax. The others sample with the exponential
-    race over their filtered distribution; the noise of row i comes only from generators[i].
+    Greedy rows (temperature 0) take the argmax. The others draw from their filtered
+    distribution by inverse CDF; the uniform of row i comes only from generators[i].
     """
     n, vocab = logits.shape
     temps = torch.tensor([max(p.temperature, 0.0) for p in params], device=logits.device, dtype=logits.dtype)
@@ -61,9 +77,8 @@ def choose_tokens(logits: torch.Tensor, params: list, generators: list[torch.Gen
         for i in rows:
             scaled[i] = filter_logits(scaled[i], 1.0, -1, top_ps[i])
     probs = torch.softmax(scaled, dim=-1)
-    noise = torch.stack([torch.empty(vocab, device=logits.device, dtype=probs.dtype).exponential_(generator=g) for g in generators])
-    sampled = torch.argmax(probs / noise, dim=-1)
-    return torch.where(greedy, chosen, sampled)
+    uniforms = torch.stack([_uniform(g, logits.device) for g in generators])
+    return torch.where(greedy, chosen, _inverse_cdf(probs, uniforms))
 
 
 def make_generator(seed: int | None, sample_index: int, device: torch.device) -> torch.Generator:
