@@ -117,7 +117,9 @@ def test_export_merged_is_a_plain_transformers_model(trained, model_dir, tmp_pat
     assert torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
     for ids in trained["ids"]:
         want = tinkerd_logprobs(trained["sampler"], ids)
-        assert (hf_logprobs(merged, ids) - want).abs().max().item() < 1e-4
+        # Merging W + BA in fp32 rounds each weight: agreement to fp32 precision (relative
+        # 2e-5 of a logprob, 1e-4 absolute), not the bit-for-bit agreement of the PEFT model.
+        torch.testing.assert_close(hf_logprobs(merged, ids), want, rtol=2e-5, atol=1e-4)
     tok = AutoTokenizer.from_pretrained(str(out))
     assert tok.encode(PROMPTS[0]) == trained["ids"][0]
 

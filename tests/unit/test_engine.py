@@ -138,3 +138,27 @@ def test_rows_of_different_adapters_decode_together_as_they_would_alone(engine, 
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
     assert alone[0].sequences[0].tokens != alone[2].sequences[0].tokens or alone[0].sequences[0].logprobs != alone[2].sequences[0].logprobs
+
+
+def test_sampled_logprobs_equal_scoring_the_same_tokens_with_an_adapter(engine, tmp_path):
+    """Decode (grouped LoRA, prepacked weights on CPU) and a full scoring pass (per-module
+    LoRA, plain matmuls) agree on the logprobs of the tokens a trained adapter sampled."""
+    from tinkerd.engine.types import AdapterRef
+
+    run = lambda fn, *a: engine.submit(fn, *a).result()  # noqa: E731
+    run(engine.create_adapter, "agree", LoraSpec(rank=8, seed=3, train_unembed=True))
+    for _ in range(3):
+        run(engine.forward_backward, "agree", [datum()], "cross_entropy", {}, False)
+        run(engine.optim_step, "agree", AdamParams(learning_rate=3e-2))
+    run(engine.save_adapter, "agree", tmp_path / "agree", False, "key-agree")
+    ref = AdapterRef("key-agree", tmp_path / "agree")
+    prompt = TOKENS[:6].tolist()
+    sampled = engine.sample(SampleRequest(prompt=prompt, num_samples=3, adapter=ref,
+                                          params=SamplingParams(max_tokens=10, temperature=1.0, seed=5, ignore_eos=True))).result()
+    for seq in sampled.sequences:
+        scored = engine.sample(SampleRequest(prompt=prompt + seq.tokens, num_samples=1, adapter=ref, prompt_logprobs=True,
+                                             params=SamplingParams(max_tokens=0))).result()
+        np.testing.assert_allclose(scored.prompt_logprobs[len(prompt):], seq.logprobs, atol=1e-3)
+    base = engine.sample(SampleRequest(prompt=prompt + sampled.sequences[0].tokens, num_samples=1, prompt_logprobs=True,
+                                       params=SamplingParams(max_tokens=0))).result()
+    assert np.max(np.abs(np.array(base.prompt_logprobs[len(prompt):]) - sampled.sequences[0].logprobs)) > 1e-2

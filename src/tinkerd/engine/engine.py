@@ -707,7 +707,7 @@ class Engine:
         positions = torch.tensor([[r.position] for r in rows], device=self.device)
         batch = _row_adapter_batch([r.request.adapter for r in rows], self.device, self._lora_stacks)
         hidden = self.model.hidden_states(tokens, batch, positions=positions, cache=self._cache)
-        logits = self.model.logits(hidden, batch)[:, 0]
+        logits = self.model.logits(hidden, batch, decoding=True)[:, 0]
         for row in rows:
             row.position += 1
         self._accept_tokens(rows, logits)
@@ -727,9 +727,10 @@ class Engine:
 def _row_adapter_batch(
     adapters: list[LoraWeights | None], device: torch.device, stack_cache: OrderedDict
 ) -> AdapterBatch:
-    """Decode rows by adapter: one adapter → plain; several → grouped batched LoRA."""
-    if all(a is adapters[0] for a in adapters):
-        return AdapterBatch.single(adapters[0], len(adapters))
+    """Decode rows by adapter: the base alone → plain; otherwise grouped batched LoRA (with
+    cached stacks, q/k/v and gate/up updates fused), even when every row has one adapter."""
+    if all(a is None for a in adapters):
+        return AdapterBatch.single(None, len(adapters))
     order: dict[int, int] = {}
     distinct: list[LoraWeights | None] = []
     for a in adapters:

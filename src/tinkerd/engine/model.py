@@ -142,6 +142,17 @@ class AdapterBatch:
         return torch.cat(parts, dim=0)
 
 
+    def apply_fused(self, y: torch.Tensor, x: torch.Tensor, paths: tuple[str, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        """y, the output of several projections fused along the last dim (sizes), plus each
+        row's adapter update for each of `paths` (e.g. q/k/v from one fused matmul)."""
+        if self.grouped is not None:
+            return self.grouped.apply_fused(y, x, paths, sizes)
+        if not any(seg.adapter is not None and any(p in seg.adapter.a for p in paths) for seg in self.segments):
+            return y
+        parts = y.split(sizes, dim=-1)
+        return torch.cat([self.apply(part, x, path) for part, path in zip(parts, paths, strict=True)], dim=-1)
+
+
 class LoraStacks:
     """Per-module stacks of several adapters' LoRA weights, [G, in, r] and [G, r, out].
 
@@ -171,6 +182,28 @@ class LoraStacks:
                         b_stack[g, :r, :] = (adapter.b[path].t() * adapter.scale).to(like.dtype)
                 self._stacks[path] = (a_stack, b_stack)
         return self._stacks[path]
+
+    def get_fused(self, paths: tuple[str, ...], sizes: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stacks for projections fused along their output: A side by side [G, in, sum r],
+        B block-diagonal [G, sum r, sum out], so one pair of bmm serves all of them."""
+        key = "+".join(paths)
+        if key not in self._stacks:
+            parts = [self.get(path, like) for path in paths]
+            if all(part is None for part in parts):
+                self._stacks[key] = None
+            else:
+                present = [part for part in parts if part is not None]
+                a_stack = torch.cat([a for a, _ in present], dim=2)
+                b_stack = a_stack.new_zeros(len(self.adapters), a_stack.shape[2], sum(sizes))
+                r0, o0 = 0, 0
+                for part, size in zip(parts, sizes, strict=True):
+                    if part is not None:
+                        rank = part[1].shape[1]
+                        b_stack[:, r0 : r0 + rank, o0 : o0 + size] = part[1]
+                        r0 += rank
+                    o0 += size
+                self._stacks[key] = (a_stack, b_stack)
+        return self._stacks[key]
 
 
 @dataclass
@@ -207,7 +240,12 @@ class GroupedLora:
         )
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
-        stacked = self.stacks.get(path, x)
+        return self._add(y, x, self.stacks.get(path, x))
+
+    def apply_fused(self, y: torch.Tensor, x: torch.Tensor, paths: tuple[str, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        return self._add(y, x, self.stacks.get_fused(paths, sizes, x))
+
+    def _add(self, y: torch.Tensor, x: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if stacked is None:
             return y
         a_stack, b_stack = stacked
@@ -236,24 +274,6 @@ def _onednn_available() -> bool:
 
 def _packed_forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")
-
-
-class _PackedLinear(torch.autograd.Function):
-    """x @ W.T (+ b) with oneDNN's prepacked copy of a frozen W; backward uses the plain W.
-
-    W and b never need gradients (the base model is frozen); x does when LoRA weights
-    upstream are being trained.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, packed_holder):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(weight)
-        return _packed_forward(x, packed_holder.packed, bias)
-
-    @staticmethod
-    def backward(ctx, grad):  # noqa: ANN001, ANN205
-        (weight,) = ctx.saved_tensors
-        return grad @ weight, None, None, None
 
 
 @dataclass
@@ -371,6 +391,7 @@ class LlamaModel(torch.nn.Module):
         self.cfg = cfg
         self.w = _fuse_projections(cfg, weights)  # plain dict: frozen, never part of autograd
         self.packed: dict[str, _Packed] = {}  # oneDNN copies for CPU (pack_for_cpu)
+        self._decoding = False  # inside a decode step: projections may use `packed`
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq.to(next(iter(weights.values())).device), persistent=False)
 
@@ -409,11 +430,9 @@ class LlamaModel(torch.nn.Module):
     def _base_linear(self, x: torch.Tensor, path: str) -> torch.Tensor:
         """x @ W.T (+ b) for a frozen base projection (q/k/v and gate/up are fused)."""
         weight, bias = self.w[path + ".weight"], self.w.get(path + ".bias")
-        holder = self.packed.get(path)
+        holder = self.packed.get(path) if self._decoding else None
         if holder is None:
             return F.linear(x, weight, bias)
-        if torch.is_grad_enabled() and x.requires_grad:
-            return _PackedLinear.apply(x, weight, bias, holder)
         return _packed_forward(x, holder.packed, bias)
 
     def _linear(self, x: torch.Tensor, path: str, adapters: AdapterBatch | None) -> torch.Tensor:
@@ -421,10 +440,12 @@ class LlamaModel(torch.nn.Module):
         return adapters.apply(y, x, path) if adapters is not None else y
 
     def pack_for_cpu(self) -> bool:
-        """Prepack every frozen projection for oneDNN (fp32 on CPU): a decode step reads the
-        weights in the layout the kernel wants instead of repacking them on every call, which
-        is what makes small-batch matmuls slow. Costs one more copy of the projection weights.
-        Returns whether packing is in use (a self-check compares it with F.linear)."""
+        """Prepack every frozen projection for oneDNN (fp32 on CPU), used by decode steps only:
+        a step reads the weights in the layout the kernel wants instead of repacking them on
+        every call, which is what makes small-batch matmuls slow on CPU. Costs one more copy
+        of the projection weights. Training, prefill and prompt scoring keep `F.linear`, whose
+        results equal transformers' bit for bit; a decode step's logprobs differ from them by
+        float32 rounding (~1e-4). Returns whether packing is in use (after a self-check)."""
         if self.device.type != "cpu" or self.dtype != torch.float32 or not _onednn_available():
             return False
         try:
@@ -462,14 +483,10 @@ class LlamaModel(torch.nn.Module):
         p = f"model.layers.{layer}.self_attn."
         q_out, kv_out_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         qkv = self._base_linear(x, p + "qkv_proj")
-        q0, k0, v = qkv.split((q_out, kv_out_dim, kv_out_dim), dim=-1)
-        q, k = q0, k0
         if adapters is not None:
-            q = adapters.apply(q0, x, p + "q_proj")
-            k = adapters.apply(k0, x, p + "k_proj")
-            v = adapters.apply(v, x, p + "v_proj")
+            qkv = adapters.apply_fused(qkv, x, (p + "q_proj", p + "k_proj", p + "v_proj"), (q_out, kv_out_dim, kv_out_dim))
+        qk, v = qkv.split((q_out + kv_out_dim, kv_out_dim), dim=-1)
         # Rotary embedding on the query and key heads together (one set of element-wise ops).
-        qk = qkv[..., : q_out + kv_out_dim] if (q is q0 and k is k0) else torch.cat((q, k), dim=-1)
         qk = qk.reshape(bsz, seqlen, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         qk = qk * cos + _rotate_half(qk) * sin
         q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)
@@ -490,10 +507,11 @@ class LlamaModel(torch.nn.Module):
 
     def _mlp(self, layer: int, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
-        gate, up = self._base_linear(x, p + "gate_up_proj").chunk(2, dim=-1)
+        gate_up = self._base_linear(x, p + "gate_up_proj")
         if adapters is not None:
-            gate = adapters.apply(gate, x, p + "gate_proj")
-            up = adapters.apply(up, x, p + "up_proj")
+            size = self.cfg.intermediate_size
+            gate_up = adapters.apply_fused(gate_up, x, (p + "gate_proj", p + "up_proj"), (size, size))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self._linear(F.silu(gate) * up, p + "down_proj", adapters)
 
     # -- entry points --------------------------------------------------------------------
@@ -519,17 +537,26 @@ class LlamaModel(torch.nn.Module):
         x = F.embedding(tokens, self.w["model.embed_tokens.weight"])
         cos, sin = self._rope(positions, x.dtype)
         decode = _DecodeStep.of(positions) if cache is not None else None
-        for layer in range(cfg.num_layers):
-            p = f"model.layers.{layer}."
-            h = _rms_norm(x, self.w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-            x = x + self._attention(layer, h, cos, sin, adapters, cache, decode, kv_out)
-            h = _rms_norm(x, self.w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-            x = x + self._mlp(layer, h, adapters)
+        self._decoding = decode is not None and not torch.is_grad_enabled()
+        try:
+            for layer in range(cfg.num_layers):
+                p = f"model.layers.{layer}."
+                h = _rms_norm(x, self.w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+                x = x + self._attention(layer, h, cos, sin, adapters, cache, decode, kv_out)
+                h = _rms_norm(x, self.w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+                x = x + self._mlp(layer, h, adapters)
+        finally:
+            self._decoding = False
         return _rms_norm(x, self.w["model.norm.weight"], cfg.rms_norm_eps)
 
-    def logits(self, hidden: torch.Tensor, adapters: AdapterBatch | None = None) -> torch.Tensor:
-        """Unembedding in fp32 (logprobs are compared across sampler and trainer)."""
-        return self._linear(hidden, "lm_head", adapters).float()
+    def logits(self, hidden: torch.Tensor, adapters: AdapterBatch | None = None, decoding: bool = False) -> torch.Tensor:
+        """Unembedding in fp32 (logprobs are compared across sampler and trainer).
+        `decoding`: the hidden states of a decode step (may use the packed weights)."""
+        self._decoding = decoding and not torch.is_grad_enabled()
+        try:
+            return self._linear(hidden, "lm_head", adapters).float()
+        finally:
+            self._decoding = False
 
 
 def lora_module_paths(cfg: ModelConfig, train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
