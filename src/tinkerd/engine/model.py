@@ -392,6 +392,7 @@ class LlamaModel(torch.nn.Module):
         self.w = _fuse_projections(cfg, weights)  # plain dict: frozen, never part of autograd
         self.packed: dict[str, _Packed] = {}  # oneDNN copies for CPU (pack_for_cpu)
         self._decoding = False  # inside a decode step: projections may use `packed`
+        self._fuse_projections = True  # no gradients: fused q/k/v and gate/up matmuls
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq.to(next(iter(weights.values())).device), persistent=False)
 
@@ -482,14 +483,24 @@ class LlamaModel(torch.nn.Module):
         bsz, seqlen, _ = x.shape
         p = f"model.layers.{layer}.self_attn."
         q_out, kv_out_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        qkv = self._base_linear(x, p + "qkv_proj")
-        if adapters is not None:
-            qkv = adapters.apply_fused(qkv, x, (p + "q_proj", p + "k_proj", p + "v_proj"), (q_out, kv_out_dim, kv_out_dim))
-        qk, v = qkv.split((q_out + kv_out_dim, kv_out_dim), dim=-1)
-        # Rotary embedding on the query and key heads together (one set of element-wise ops).
-        qk = qk.reshape(bsz, seqlen, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        qk = qk * cos + _rotate_half(qk) * sin
-        q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)
+        if self._fuse_projections:
+            # Inference: one matmul for q/k/v, their LoRA updates in one grouped pair of bmm,
+            # and the rotary embedding on the query and key heads together.
+            qkv = self._base_linear(x, p + "qkv_proj")
+            if adapters is not None:
+                paths = (p + "q_proj", p + "k_proj", p + "v_proj")
+                qkv = adapters.apply_fused(qkv, x, paths, (q_out, kv_out_dim, kv_out_dim))
+            qk, v = qkv.split((q_out + kv_out_dim, kv_out_dim), dim=-1)
+            qk = qk.reshape(bsz, seqlen, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split((cfg.num_heads, cfg.num_kv_heads), dim=1)
+        else:
+            # Training: per-module projections (cheaper to differentiate than split + cat).
+            q = self._linear(x, p + "q_proj", adapters).view(bsz, seqlen, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            k = self._linear(x, p + "k_proj", adapters).view(bsz, seqlen, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            v = self._linear(x, p + "v_proj", adapters)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
         v = v.reshape(bsz, seqlen, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cache is None or decode is None:
             if kv_out is not None:
@@ -507,11 +518,14 @@ class LlamaModel(torch.nn.Module):
 
     def _mlp(self, layer: int, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
-        gate_up = self._base_linear(x, p + "gate_up_proj")
-        if adapters is not None:
-            size = self.cfg.intermediate_size
-            gate_up = adapters.apply_fused(gate_up, x, (p + "gate_proj", p + "up_proj"), (size, size))
-        gate, up = gate_up.chunk(2, dim=-1)
+        if self._fuse_projections:
+            gate_up = self._base_linear(x, p + "gate_up_proj")
+            if adapters is not None:
+                size = self.cfg.intermediate_size
+                gate_up = adapters.apply_fused(gate_up, x, (p + "gate_proj", p + "up_proj"), (size, size))
+            gate, up = gate_up.chunk(2, dim=-1)
+        else:  # training: per-module projections (cheaper to differentiate than split + cat)
+            gate, up = self._linear(x, p + "gate_proj", adapters), self._linear(x, p + "up_proj", adapters)
         return self._linear(F.silu(gate) * up, p + "down_proj", adapters)
 
     # -- entry points --------------------------------------------------------------------
@@ -538,6 +552,7 @@ class LlamaModel(torch.nn.Module):
         cos, sin = self._rope(positions, x.dtype)
         decode = _DecodeStep.of(positions) if cache is not None else None
         self._decoding = decode is not None and not torch.is_grad_enabled()
+        self._fuse_projections = not torch.is_grad_enabled()
         try:
             for layer in range(cfg.num_layers):
                 p = f"model.layers.{layer}."
