@@ -141,7 +141,6 @@ class AdapterBatch:
             parts.append(ys)
         return torch.cat(parts, dim=0)
 
-
     def apply_fused(self, y: torch.Tensor, x: torch.Tensor, paths: tuple[str, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """y, the output of several projections fused along the last dim (sizes), plus each
         row's adapter update for each of `paths` (e.g. q/k/v from one fused matmul)."""
@@ -278,7 +277,7 @@ def _packed_forward(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | 
 
 @dataclass
 class _Packed:
-    """A prepacked weight, held outside autograd's view (its layout has no strides)."""
+    """A weight in oneDNN's packed layout (no strides; only `_linear_pointwise` reads it)."""
 
     packed: torch.Tensor
 
