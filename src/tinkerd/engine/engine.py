@@ -483,11 +483,22 @@ class Engine:
             batch = AdapterBatch(segments)
             hidden = self.model.hidden_states(tokens, batch)
             logits = self.model.logits(hidden, batch)
+            # Every datum's target logprobs from one logsumexp and one gather over the whole
+            # batch: slicing the [B, T, V] logits per datum would make each slice's backward
+            # allocate and zero a tensor of the full logits' size.
+            targets = [torch.from_numpy(np.ascontiguousarray(d.inputs["target_tokens"])).long() for _, d in group]
+            width = max(1 if t.dim() == 1 else t.shape[1] for t in targets)
+            padded = torch.zeros(len(group), logits.shape[1], width, dtype=torch.long)
+            for i, t in enumerate(targets):
+                t2 = t.reshape(t.shape[0], -1)
+                padded[i, : t2.shape[0], : t2.shape[1]] = t2
+            picked = logits.gather(-1, padded.to(self.device)) - torch.logsumexp(logits, dim=-1)[..., None]
             total = None
             for i, (c, d) in enumerate(group):
                 _, _, loss_fn, config = calls[c]
                 inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in d.inputs.items()}
-                target_lp = target_logprobs(logits[i, : lengths[i]], inputs["target_tokens"])
+                target = targets[i]
+                target_lp = picked[i, : target.shape[0], : (1 if target.dim() == 1 else target.shape[1])].reshape(target.shape)
                 stability = _stability(d, self.device) if d.stability is not None else None
                 result = losses.compute_datum_loss(loss_fn, target_lp, inputs, config, stability)
                 total = result.loss if total is None else total + result.loss
@@ -754,14 +765,6 @@ def _stability(datum: Datum, device: torch.device | None = None) -> losses.Stabi
         sampler_logprobs=torch.from_numpy(sampler_lp).to(device or "cpu"),
         sampled_mask=torch.from_numpy(mask).to(device or "cpu"),
     )
-
-
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[target] for targets of shape [N] or [N, K], in fp32."""
-    lse = torch.logsumexp(logits, dim=-1)
-    flat = targets.reshape(targets.shape[0], -1).long()
-    picked = logits.gather(-1, flat) - lse[:, None]
-    return picked.reshape(targets.shape)
 
 
 def _token_budget_groups(items: list, budget: int, key: Callable[[Any], int]) -> list[list]:
