@@ -107,10 +107,7 @@ class Engine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = LlamaModel.load(model_dir, self.device, self.dtype)
-        if os.environ.get("TINKERD_CPU_PACKED", "1") != "0":
-            self.packed = self.model.pack_for_cpu()
-        else:
-            self.packed = False
+        self.packed = os.environ.get("TINKERD_CPU_PACKED", "1") != "0" and self.model.pack_for_cpu()
         if self.device.type == "cpu":
             log.info("engine %s: fp32 on CPU, oneDNN prepacked weights %s", name, "on" if self.packed else "off")
         self.cfg = self.model.cfg
@@ -487,18 +484,16 @@ class Engine:
             # batch: slicing the [B, T, V] logits per datum would make each slice's backward
             # allocate and zero a tensor of the full logits' size.
             targets = [torch.from_numpy(np.ascontiguousarray(d.inputs["target_tokens"])).long() for _, d in group]
-            width = max(1 if t.dim() == 1 else t.shape[1] for t in targets)
-            padded = torch.zeros(len(group), logits.shape[1], width, dtype=torch.long)
-            for i, t in enumerate(targets):
-                t2 = t.reshape(t.shape[0], -1)
-                padded[i, : t2.shape[0], : t2.shape[1]] = t2
+            flat = [t.reshape(t.shape[0], -1) for t in targets]  # [N] or [N, K] → [N, K]
+            padded = torch.zeros(len(group), logits.shape[1], max(t.shape[1] for t in flat), dtype=torch.long)
+            for i, t in enumerate(flat):
+                padded[i, : t.shape[0], : t.shape[1]] = t
             picked = logits.gather(-1, padded.to(self.device)) - torch.logsumexp(logits, dim=-1)[..., None]
             total = None
             for i, (c, d) in enumerate(group):
                 _, _, loss_fn, config = calls[c]
                 inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in d.inputs.items()}
-                target = targets[i]
-                target_lp = picked[i, : target.shape[0], : (1 if target.dim() == 1 else target.shape[1])].reshape(target.shape)
+                target_lp = picked[i, : flat[i].shape[0], : flat[i].shape[1]].reshape(targets[i].shape)
                 stability = _stability(d, self.device) if d.stability is not None else None
                 result = losses.compute_datum_loss(loss_fn, target_lp, inputs, config, stability)
                 total = result.loss if total is None else total + result.loss

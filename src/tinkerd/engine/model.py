@@ -391,7 +391,6 @@ class LlamaModel(torch.nn.Module):
         self.w = _fuse_projections(cfg, weights)  # plain dict: frozen, never part of autograd
         self.packed: dict[str, _Packed] = {}  # oneDNN copies for CPU (pack_for_cpu)
         self._decoding = False  # inside a decode step: projections may use `packed`
-        self._fuse_projections = True  # no gradients: fused q/k/v and gate/up matmuls
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq.to(next(iter(weights.values())).device), persistent=False)
 
@@ -482,7 +481,7 @@ class LlamaModel(torch.nn.Module):
         bsz, seqlen, _ = x.shape
         p = f"model.layers.{layer}.self_attn."
         q_out, kv_out_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        if self._fuse_projections:
+        if not torch.is_grad_enabled():
             # Inference: one matmul for q/k/v, their LoRA updates in one grouped pair of bmm,
             # and the rotary embedding on the query and key heads together.
             qkv = self._base_linear(x, p + "qkv_proj")
@@ -517,7 +516,7 @@ class LlamaModel(torch.nn.Module):
 
     def _mlp(self, layer: int, x: torch.Tensor, adapters: AdapterBatch | None) -> torch.Tensor:
         p = f"model.layers.{layer}.mlp."
-        if self._fuse_projections:
+        if not torch.is_grad_enabled():
             gate_up = self._base_linear(x, p + "gate_up_proj")
             if adapters is not None:
                 size = self.cfg.intermediate_size
@@ -551,7 +550,6 @@ class LlamaModel(torch.nn.Module):
         cos, sin = self._rope(positions, x.dtype)
         decode = _DecodeStep.of(positions) if cache is not None else None
         self._decoding = decode is not None and not torch.is_grad_enabled()
-        self._fuse_projections = not torch.is_grad_enabled()
         try:
             for layer in range(cfg.num_layers):
                 p = f"model.layers.{layer}."
