@@ -292,38 +292,32 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One query token per row against that row's cached keys (GQA without copying K/V).
-
-    q [B, H, 1, D], keys/values [B, Hkv, T, D], mask [B, T] (True = attend). Plain matmuls:
-    the fused SDPA kernels rebuild their plans for every new cache length, which costs
-    more than the attention itself at decode sizes.
-    """
-    bsz, heads, _, dim = q.shape
-    kv_heads = keys.shape[1]
-    q = q.view(bsz, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (dim**-0.5)  # [B, Hkv, G, T]
-    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).view(bsz, heads, 1, dim)
-
-
 @dataclass
 class _DecodeStep:
-    """What every layer of one decode step shares: rows, positions, attended span, mask."""
+    """What every layer of one decode step shares: rows, positions, attended span, mask and
+    the rotary tables (cos, and sin with the sign of `rotate_half` folded in)."""
 
     rows: torch.Tensor
     pos: torch.Tensor
     span: int
-    mask: torch.Tensor
+    same_pos: int | None  # every row at this position: plain slices instead of scatters
+    mask: torch.Tensor | None  # [B, 1, 1, span] (True = attend); None when every row sees it all
+    cos: torch.Tensor  # [B, 1, D]
+    signed_sin: torch.Tensor  # [B, 1, D]
 
     @classmethod
-    def of(cls, positions: torch.Tensor) -> _DecodeStep:
+    def of(cls, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> _DecodeStep:
         pos = positions[:, 0]
-        span = int(pos.max().item()) + 1
+        low, high = (int(v) for v in torch.aminmax(pos))
+        span = high + 1
         rows = torch.arange(pos.shape[0], device=pos.device)
-        mask = torch.arange(span, device=pos.device)[None, :] <= pos[:, None]
-        return cls(rows, pos, span, mask)
+        mask = None
+        if low != high:
+            mask = (torch.arange(span, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+        freqs = pos.float()[:, None] * inv_freq  # [B, D/2]
+        cos, sin = freqs.cos(), freqs.sin()
+        return cls(rows, pos, span, high if low == high else None, mask,
+                   torch.cat((cos, cos), dim=-1).to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None])
 
 
 def _fuse_projections(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -473,8 +467,6 @@ class LlamaModel(torch.nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         adapters: AdapterBatch | None,
-        cache: KVCache | None,
-        decode: _DecodeStep | None,
         kv_out: list | None,
     ) -> torch.Tensor:
         cfg = self.cfg
@@ -500,17 +492,9 @@ class LlamaModel(torch.nn.Module):
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
         v = v.reshape(bsz, seqlen, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        if cache is None or decode is None:
-            if kv_out is not None:
-                kv_out.append((k, v))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
-        else:
-            # Decode: one new token per row at its own position; rows are 0..bsz-1.
-            cache.k[layer, decode.rows, :, decode.pos] = k[:, :, 0]
-            cache.v[layer, decode.rows, :, decode.pos] = v[:, :, 0]
-            keys = cache.k[layer, :bsz, :, : decode.span]
-            values = cache.v[layer, :bsz, :, : decode.span]
-            out = _decode_attention(q, keys, values, decode.mask)
+        if kv_out is not None:
+            kv_out.append((k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
         out = out.transpose(1, 2).reshape(bsz, seqlen, q_out)
         return self._linear(out, p + "o_proj", adapters)
 
@@ -540,26 +524,84 @@ class LlamaModel(torch.nn.Module):
 
         Without `cache`: a causal pass over right-padded rows starting at position 0
         (training, scoring, prefill; `kv_out` collects each layer's K/V).
-        With `cache`: a decode step, `tokens` [B, 1] at `positions` [B, 1].
+        With `cache`: a decode step, `tokens` [B, 1] at `positions` [B, 1] (no gradients).
         """
+        if cache is not None:
+            if positions is None:
+                raise ValueError("a decode step needs the rows' positions")
+            with torch.inference_mode():
+                return self._decode_hidden(tokens, positions, cache, adapters)
         cfg = self.cfg
         bsz, seqlen = tokens.shape
         if positions is None:
             positions = torch.arange(seqlen, device=tokens.device)[None, :].expand(bsz, seqlen)
         x = F.embedding(tokens, self.w["model.embed_tokens.weight"])
         cos, sin = self._rope(positions, x.dtype)
-        decode = _DecodeStep.of(positions) if cache is not None else None
-        self._decoding = decode is not None and not torch.is_grad_enabled()
+        for layer in range(cfg.num_layers):
+            p = f"model.layers.{layer}."
+            h = _rms_norm(x, self.w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
+            x = x + self._attention(layer, h, cos, sin, adapters, kv_out)
+            h = _rms_norm(x, self.w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
+            x = x + self._mlp(layer, h, adapters)
+        return _rms_norm(x, self.w["model.norm.weight"], cfg.rms_norm_eps)
+
+    def _decode_hidden(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, adapters: AdapterBatch | None
+    ) -> torch.Tensor:
+        """One new token per row (rows 0..B-1 of `cache`), each at its own position.
+
+        The same math as the causal pass, written for the few-rows-many-steps case, where
+        the number of tensor operations matters as much as the matmuls: fused q/k/v and
+        gate/up projections (prepacked on CPU), rotary embedding of q and k heads in three
+        operations, fused RMSNorm with its weight, in-place residual adds, and the fused
+        attention kernel over each row's cached span (GQA without copying K/V).
+        """
+        cfg = self.cfg
+        bsz = tokens.shape[0]
+        heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_out, kv_dim = heads * dim, kv_heads * dim
+        eps, norm_shape = cfg.rms_norm_eps, (cfg.hidden_size,)
+        step = _DecodeStep.of(positions, self.inv_freq, self.dtype)
+        w = self.w
+        x = F.embedding(tokens[:, 0], w["model.embed_tokens.weight"])  # [B, H]
+        self._decoding = True
         try:
             for layer in range(cfg.num_layers):
                 p = f"model.layers.{layer}."
-                h = _rms_norm(x, self.w[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-                x = x + self._attention(layer, h, cos, sin, adapters, cache, decode, kv_out)
-                h = _rms_norm(x, self.w[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-                x = x + self._mlp(layer, h, adapters)
+                h = F.rms_norm(x, norm_shape, w[p + "input_layernorm.weight"], eps)
+                qkv = self._base_linear(h, p + "self_attn.qkv_proj")
+                if adapters is not None:
+                    paths = (p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj")
+                    qkv = adapters.apply_fused(qkv, h, paths, (q_out, kv_dim, kv_dim))
+                qkv = qkv.view(bsz, heads + 2 * kv_heads, dim)
+                qk = qkv[:, : heads + kv_heads]
+                # rotate_half(t) * sin == roll(t, D/2) * (sin with its first half negated)
+                qk = torch.addcmul(qk * step.cos, qk.roll(dim // 2, dims=-1), step.signed_sin)
+                k, v = qk[:, heads:], qkv[:, heads + kv_heads :]
+                if step.same_pos is not None:
+                    cache.k[layer, :bsz, :, step.same_pos] = k
+                    cache.v[layer, :bsz, :, step.same_pos] = v
+                else:
+                    cache.k[layer, step.rows, :, step.pos] = k
+                    cache.v[layer, step.rows, :, step.pos] = v
+                attn = F.scaled_dot_product_attention(
+                    qk[:, :heads, None],
+                    cache.k[layer, :bsz, :, : step.span],
+                    cache.v[layer, :bsz, :, : step.span],
+                    attn_mask=step.mask,
+                    enable_gqa=True,
+                ).view(bsz, q_out)
+                x.add_(self._linear(attn, p + "self_attn.o_proj", adapters))
+                h = F.rms_norm(x, norm_shape, w[p + "post_attention_layernorm.weight"], eps)
+                gate_up = self._base_linear(h, p + "mlp.gate_up_proj")
+                if adapters is not None:
+                    size = cfg.intermediate_size
+                    gate_up = adapters.apply_fused(gate_up, h, (p + "mlp.gate_proj", p + "mlp.up_proj"), (size, size))
+                gate, up = gate_up.chunk(2, dim=-1)
+                x.add_(self._linear(F.silu(gate).mul_(up), p + "mlp.down_proj", adapters))
         finally:
             self._decoding = False
-        return _rms_norm(x, self.w["model.norm.weight"], cfg.rms_norm_eps)
+        return F.rms_norm(x, norm_shape, w["model.norm.weight"], eps)[:, None]
 
     def logits(self, hidden: torch.Tensor, adapters: AdapterBatch | None = None, decoding: bool = False) -> torch.Tensor:
         """Unembedding in fp32 (logprobs are compared across sampler and trainer).

@@ -60,10 +60,12 @@ def choose_tokens(logits: torch.Tensor, params: list, generators: list[torch.Gen
     n, vocab = logits.shape
     temps = torch.tensor([max(p.temperature, 0.0) for p in params], device=logits.device, dtype=logits.dtype)
     greedy = temps <= 0
-    chosen = torch.argmax(logits, dim=-1)
-    if bool(greedy.all()):
-        return chosen
-    scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
+    any_greedy = bool(greedy.any())
+    if any_greedy and bool(greedy.all()):
+        return torch.argmax(logits, dim=-1)
+    scaled = logits
+    if any(p.temperature != 1.0 for p in params):
+        scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
     top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     top_ps = [p.top_p for p in params]
     if min(top_ks) < vocab:
@@ -74,11 +76,14 @@ def choose_tokens(logits: torch.Tensor, params: list, generators: list[torch.Gen
         scaled = scaled.masked_fill(limited & (scaled < threshold), float("-inf"))
     if min(top_ps) < 1.0:
         rows = [i for i, p in enumerate(top_ps) if p < 1.0]
+        if scaled is logits:
+            scaled = logits.clone()  # rows are filtered in place; the caller's logits stay as they are
         for i in rows:
             scaled[i] = filter_logits(scaled[i], 1.0, -1, top_ps[i])
     probs = torch.softmax(scaled, dim=-1)
     uniforms = torch.stack([_uniform(g, logits.device) for g in generators])
-    return torch.where(greedy, chosen, _inverse_cdf(probs, uniforms))
+    drawn = _inverse_cdf(probs, uniforms)
+    return torch.where(greedy, torch.argmax(logits, dim=-1), drawn) if any_greedy else drawn
 
 
 def make_generator(seed: int | None, sample_index: int, device: torch.device) -> torch.Generator:
