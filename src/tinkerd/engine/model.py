@@ -133,11 +133,13 @@ class AdapterBatch:
             if adapter is None or path not in adapter.a:
                 return y
             return y + _lora_delta(x, adapter, path)
+        # split, not slicing: the backward of a split is one cat, while each slice's backward
+        # would allocate and zero a tensor of the whole batch's size.
+        sizes = [seg.end - seg.start for seg in self.segments]
         parts = []
-        for seg in self.segments:
-            ys = y[seg.start : seg.end]
+        for seg, xs, ys in zip(self.segments, x.split(sizes, dim=0), y.split(sizes, dim=0), strict=True):
             if seg.adapter is not None and path in seg.adapter.a:
-                ys = ys + _lora_delta(x[seg.start : seg.end], seg.adapter, path)
+                ys = ys + _lora_delta(xs, seg.adapter, path)
             parts.append(ys)
         return torch.cat(parts, dim=0)
 
