@@ -480,15 +480,16 @@ class Engine:
             batch = AdapterBatch(segments)
             hidden = self.model.hidden_states(tokens, batch)
             logits = self.model.logits(hidden, batch)
-            # Every datum's target logprobs from one logsumexp and one gather over the whole
+            # Every datum's target logprobs from one log-softmax and one gather over the whole
             # batch: slicing the [B, T, V] logits per datum would make each slice's backward
-            # allocate and zero a tensor of the full logits' size.
+            # allocate and zero a tensor of the full logits' size. (log_softmax's fused
+            # backward is one pass; logsumexp's is three over the full logits.)
             targets = [torch.from_numpy(np.ascontiguousarray(d.inputs["target_tokens"])).long() for _, d in group]
             flat = [t.reshape(t.shape[0], -1) for t in targets]  # [N] or [N, K] → [N, K]
             padded = torch.zeros(len(group), logits.shape[1], max(t.shape[1] for t in flat), dtype=torch.long)
             for i, t in enumerate(flat):
                 padded[i, : t.shape[0], : t.shape[1]] = t
-            picked = logits.gather(-1, padded.to(self.device)) - torch.logsumexp(logits, dim=-1)[..., None]
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, padded.to(self.device))
             total = None
             for i, (c, d) in enumerate(group):
                 _, _, loss_fn, config = calls[c]
