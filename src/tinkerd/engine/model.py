@@ -213,11 +213,12 @@ class GroupedLora:
 
     Rows are gathered into a [G, max_rows] layout (the Punica / S-LoRA idea), so the cost
     per module is a gather, two bmm and a scatter-add however many adapters share the step.
+    When every row uses one adapter there is nothing to gather: two matmuls.
     """
 
     stacks: LoraStacks
-    gather_index: torch.Tensor  # [G * max_rows] row of x for each slot (n = a zero row)
-    slot_valid: torch.Tensor  # [G * max_rows] bool
+    gather_index: torch.Tensor  # [G * max_rows] row of x for each slot (padding slots repeat row 0)
+    valid_index: torch.Tensor | None  # the slots that hold a row (None: all of them)
     scatter_index: torch.Tensor  # rows receiving the valid slots, in slot order
     groups: int
     max_rows: int
@@ -228,13 +229,12 @@ class GroupedLora:
         for row, g in enumerate(row_groups):
             members[g].append(row)
         max_rows = max(len(m) for m in members)
-        n = len(row_groups)
-        gather = [m[i] if i < len(m) else n for m in members for i in range(max_rows)]
+        gather = [m[i] if i < len(m) else 0 for m in members for i in range(max_rows)]
         valid = [i < len(m) for m in members for i in range(max_rows)]
         return cls(
             stacks=stacks,
             gather_index=torch.tensor(gather, device=device),
-            slot_valid=torch.tensor(valid, device=device),
+            valid_index=None if all(valid) else torch.tensor([i for i, ok in enumerate(valid) if ok], device=device),
             scatter_index=torch.tensor([r for r, ok in zip(gather, valid, strict=True) if ok], device=device),
             groups=len(members),
             max_rows=max_rows,
@@ -251,11 +251,14 @@ class GroupedLora:
             return y
         a_stack, b_stack = stacked
         flat = x.reshape(x.shape[0], -1)
-        padded = torch.cat([flat, flat.new_zeros(1, flat.shape[1])])[self.gather_index]
-        padded = padded.view(self.groups, self.max_rows, -1)
-        delta = torch.bmm(torch.bmm(padded, a_stack), b_stack).view(self.groups * self.max_rows, -1)
         out = y.reshape(y.shape[0], -1)  # a copy when y is a strided slice of a fused output
-        out.index_add_(0, self.scatter_index, delta[self.slot_valid])
+        if self.groups == 1:  # one adapter for every row, in row order
+            return torch.addmm(out, flat @ a_stack[0], b_stack[0]).view(y.shape)
+        padded = flat.index_select(0, self.gather_index).view(self.groups, self.max_rows, -1)
+        delta = torch.bmm(torch.bmm(padded, a_stack), b_stack).view(self.groups * self.max_rows, -1)
+        if self.valid_index is not None:
+            delta = delta.index_select(0, self.valid_index)
+        out.index_add_(0, self.scatter_index, delta)
         return out.view(y.shape)
 
 
