@@ -165,6 +165,7 @@ class LoraStacks:
     def __init__(self, adapters: tuple[LoraWeights | None, ...]):
         self.adapters = adapters  # keeps them alive: the cache key is their identity
         self._stacks: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._fused: dict[str, FusedStacks | None] = {}
 
     def get(self, path: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if path not in self._stacks:
@@ -184,27 +185,43 @@ class LoraStacks:
                 self._stacks[path] = (a_stack, b_stack)
         return self._stacks[path]
 
-    def get_fused(self, paths: tuple[str, ...], sizes: tuple[int, ...], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Stacks for projections fused along their output: A side by side [G, in, sum r],
-        B block-diagonal [G, sum r, sum out], so one pair of bmm serves all of them."""
+    def get_fused(self, paths: tuple[str, ...], sizes: tuple[int, ...], like: torch.Tensor) -> FusedStacks | None:
+        """Stacks for projections fused along their output: the A stacks side by side
+        [G, in, sum r], so one bmm gives every module's x·A, and each module's B stack with
+        the rank columns and output columns it owns (no block-diagonal B: at rank 32 its
+        zeros were a third of the adapter memory a decode step reads)."""
         key = "+".join(paths)
-        if key not in self._stacks:
+        if key not in self._fused:
             parts = [self.get(path, like) for path in paths]
             if all(part is None for part in parts):
-                self._stacks[key] = None
+                self._fused[key] = None
             else:
-                present = [part for part in parts if part is not None]
-                a_stack = torch.cat([a for a, _ in present], dim=2)
-                b_stack = a_stack.new_zeros(len(self.adapters), a_stack.shape[2], sum(sizes))
+                a_stack = torch.cat([part[0] for part in parts if part is not None], dim=2)
+                owned = []
                 r0, o0 = 0, 0
                 for part, size in zip(parts, sizes, strict=True):
                     if part is not None:
                         rank = part[1].shape[1]
-                        b_stack[:, r0 : r0 + rank, o0 : o0 + size] = part[1]
+                        owned.append((r0, r0 + rank, o0, o0 + size, part[1]))
                         r0 += rank
                     o0 += size
-                self._stacks[key] = (a_stack, b_stack)
-        return self._stacks[key]
+                self._fused[key] = FusedStacks(a_stack, owned)
+        return self._fused[key]
+
+
+@dataclass
+class FusedStacks:
+    a: torch.Tensor  # [G, in, sum r]
+    parts: list[tuple[int, int, int, int, torch.Tensor]]  # (rank from, to, output from, to, B [G, r, out])
+
+    def covers(self, width: int) -> bool:
+        """Whether the parts' outputs tile [0, width) in order (every fused module has LoRA)."""
+        end = 0
+        for _, _, o0, o1, _ in self.parts:
+            if o0 != end:
+                return False
+            end = o1
+        return end == width
 
 
 @dataclass
@@ -241,24 +258,38 @@ class GroupedLora:
         )
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
-        return self._add(y, x, self.stacks.get(path, x))
-
-    def apply_fused(self, y: torch.Tensor, x: torch.Tensor, paths: tuple[str, ...], sizes: tuple[int, ...]) -> torch.Tensor:
-        return self._add(y, x, self.stacks.get_fused(paths, sizes, x))
-
-    def _add(self, y: torch.Tensor, x: torch.Tensor, stacked: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        stacked = self.stacks.get(path, x)
         if stacked is None:
             return y
-        a_stack, b_stack = stacked
+        a, b = stacked
+        return self._add(y, x, FusedStacks(a, [(0, a.shape[2], 0, b.shape[2], b)]))
+
+    def apply_fused(self, y: torch.Tensor, x: torch.Tensor, paths: tuple[str, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        stacked = self.stacks.get_fused(paths, sizes, x)
+        return y if stacked is None else self._add(y, x, stacked)
+
+    def _add(self, y: torch.Tensor, x: torch.Tensor, stacked: FusedStacks) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
         out = y.reshape(y.shape[0], -1)  # a copy when y is a strided slice of a fused output
-        if self.groups == 1:  # one adapter for every row, in row order
-            return torch.addmm(out, flat @ a_stack[0], b_stack[0]).view(y.shape)
+        if self.groups == 1:  # one adapter for every row, in row order: plain matmuls
+            u = flat @ stacked.a[0]
+            if len(stacked.parts) == 1 and stacked.covers(out.shape[1]):
+                return torch.addmm(out, u, stacked.parts[0][4][0]).view(y.shape)
+            for r0, r1, o0, o1, b in stacked.parts:
+                out[:, o0:o1].addmm_(u[:, r0:r1], b[0])
+            return out.view(y.shape)
         padded = flat.index_select(0, self.gather_index).view(self.groups, self.max_rows, -1)
-        delta = torch.bmm(torch.bmm(padded, a_stack), b_stack).view(self.groups * self.max_rows, -1)
-        if self.valid_index is not None:
-            delta = delta.index_select(0, self.valid_index)
-        out.index_add_(0, self.scatter_index, delta)
+        u = torch.bmm(padded, stacked.a)
+        deltas = [torch.bmm(u[..., r0:r1], b) for r0, r1, _, _, b in stacked.parts]
+        if stacked.covers(out.shape[1]):  # one scatter for the whole output
+            deltas, spans = [torch.cat(deltas, dim=-1) if len(deltas) > 1 else deltas[0]], [(0, out.shape[1])]
+        else:
+            spans = [(o0, o1) for _, _, o0, o1, _ in stacked.parts]
+        for delta, (o0, o1) in zip(deltas, spans, strict=True):
+            delta = delta.view(self.groups * self.max_rows, -1)
+            if self.valid_index is not None:
+                delta = delta.index_select(0, self.valid_index)
+            (out if o1 - o0 == out.shape[1] else out[:, o0:o1]).index_add_(0, self.scatter_index, delta)
         return out.view(y.shape)
 
 
