@@ -37,17 +37,23 @@ def test_logits_match_transformers(engine, model_dir):
     assert torch.max(torch.abs(ours - theirs)).item() < 1e-3
 
 
+def prefill_into(model, cache: KVCache, row: int, prompt: torch.Tensor) -> None:
+    """Cache the K/V of `prompt` [1, n] in `cache` row `row`, as the engine's prefill does."""
+    kv: list = []
+    model.hidden_states(prompt, kv_out=kv)
+    n = prompt.shape[1]
+    for layer, (k, v) in enumerate(kv):
+        cache.k[layer, row, :, :n] = k[0]
+        cache.v[layer, row, :, :n] = v[0]
+
+
 def test_decode_with_kv_cache_matches_a_full_pass(engine):
     model = engine.model
     toks = torch.from_numpy(TOKENS)[None]
     with torch.no_grad():
         full = model.logits(model.hidden_states(toks))[0]
-        kv: list = []
-        model.hidden_states(toks[:, :6], kv_out=kv)
         cache = KVCache(model.cfg, 1, 32, model.device, model.dtype)
-        for layer, (k, v) in enumerate(kv):
-            cache.k[layer, 0, :, :6] = k[0]
-            cache.v[layer, 0, :, :6] = v[0]
+        prefill_into(model, cache, 0, toks[:, :6])
         for pos in range(6, len(TOKENS)):
             step = model.logits(model.hidden_states(toks[:, pos : pos + 1], AdapterBatch.single(None, 1),
                                                     positions=torch.tensor([[pos]]), cache=cache))[0, 0]
@@ -64,11 +70,7 @@ def test_decode_rows_at_different_positions_match_full_passes(engine):
         cache = KVCache(model.cfg, 2, 32, model.device, model.dtype)
         starts = [6, 3]
         for row, (p, start) in enumerate(zip(prompts, starts, strict=True)):
-            kv: list = []
-            model.hidden_states(p[:, :start], kv_out=kv)
-            for layer, (k, v) in enumerate(kv):
-                cache.k[layer, row, :, :start] = k[0]
-                cache.v[layer, row, :, :start] = v[0]
+            prefill_into(model, cache, row, p[:, :start])
         for step in range(4):
             positions = torch.tensor([[start + step] for start in starts])
             tokens = torch.stack([p[0, pos] for p, pos in zip(prompts, positions[:, 0], strict=True)])[:, None]
@@ -86,12 +88,8 @@ def test_a_bfloat16_decode_step_matches_its_full_pass(model_dir):
     toks = torch.from_numpy(TOKENS[:8])[None]
     with torch.no_grad():
         full = model.logits(model.hidden_states(toks))[0]
-        kv: list = []
-        model.hidden_states(toks[:, :6], kv_out=kv)
         cache = KVCache(model.cfg, 1, 16, model.device, model.dtype)
-        for layer, (k, v) in enumerate(kv):
-            cache.k[layer, 0, :, :6] = k[0]
-            cache.v[layer, 0, :, :6] = v[0]
+        prefill_into(model, cache, 0, toks[:, :6])
         for pos in (6, 7):
             step = model.logits(model.hidden_states(toks[:, pos : pos + 1], None, positions=torch.tensor([[pos]]),
                                                     cache=cache), decoding=True)[0, 0]
