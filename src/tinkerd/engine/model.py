@@ -273,8 +273,6 @@ class GroupedLora:
         out = y.reshape(y.shape[0], -1)  # a copy when y is a strided slice of a fused output
         if self.groups == 1:  # one adapter for every row, in row order: plain matmuls
             u = flat @ stacked.a[0]
-            if len(stacked.parts) == 1 and stacked.covers(out.shape[1]):
-                return torch.addmm(out, u, stacked.parts[0][4][0]).view(y.shape)
             for r0, r1, o0, o1, b in stacked.parts:
                 out[:, o0:o1].addmm_(u[:, r0:r1], b[0])
             return out.view(y.shape)
@@ -289,7 +287,7 @@ class GroupedLora:
             delta = delta.view(self.groups * self.max_rows, -1)
             if self.valid_index is not None:
                 delta = delta.index_select(0, self.valid_index)
-            (out if o1 - o0 == out.shape[1] else out[:, o0:o1]).index_add_(0, self.scatter_index, delta)
+            out[:, o0:o1].index_add_(0, self.scatter_index, delta)
         return out.view(y.shape)
 
 
@@ -342,7 +340,8 @@ class _DecodeStep:
     signed_sin: torch.Tensor  # [B, 1, D]
 
     @classmethod
-    def of(cls, positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> _DecodeStep:
+    def of(cls, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> _DecodeStep:
+        """`positions` [B, 1]; `cos`, `sin` [B, 1, 1, D], the rotary tables of those positions."""
         pos = positions[:, 0]
         low, high = (int(v) for v in torch.aminmax(pos))
         span = high + 1
@@ -350,10 +349,9 @@ class _DecodeStep:
         mask = None
         if low != high:
             mask = (torch.arange(span, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
-        freqs = pos.float()[:, None] * inv_freq  # [B, D/2]
-        cos, sin = freqs.cos(), freqs.sin()
-        return cls(rows, pos, span, high if low == high else None, mask,
-                   torch.cat((cos, cos), dim=-1).to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None])
+        half = sin.shape[-1] // 2
+        signed_sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cls(rows, pos, span, high if low == high else None, mask, cos[:, 0], signed_sin[:, 0])
 
 
 def _fuse_projections(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -510,7 +508,7 @@ class LlamaModel(torch.nn.Module):
         p = f"model.layers.{layer}.self_attn."
         q_out, kv_out_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         if not torch.is_grad_enabled():
-            # Inference: one matmul for q/k/v, their LoRA updates in one grouped pair of bmm,
+            # Inference: one matmul for q/k/v, their LoRA updates through `apply_fused`,
             # and the rotary embedding on the query and key heads together.
             qkv = self._base_linear(x, p + "qkv_proj")
             if adapters is not None:
@@ -597,7 +595,7 @@ class LlamaModel(torch.nn.Module):
         heads, kv_heads, dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_out, kv_dim = heads * dim, kv_heads * dim
         eps, norm_shape = cfg.rms_norm_eps, (cfg.hidden_size,)
-        step = _DecodeStep.of(positions, self.inv_freq, self.dtype)
+        step = _DecodeStep.of(positions, *self._rope(positions, self.dtype))
         w = self.w
         x = F.embedding(tokens[:, 0], w["model.embed_tokens.weight"])  # [B, H]
         self._decoding = True
