@@ -37,6 +37,18 @@ def test_logits_match_transformers(engine, model_dir):
     assert torch.max(torch.abs(ours - theirs)).item() < 1e-3
 
 
+@pytest.fixture(params=["fused", "torch"])
+def decode_path(request, engine):
+    """Decode-step tests run through the fused CPU kernels (when they built) and the torch path."""
+    kernels = engine.model.kernels
+    if request.param == "fused" and kernels is None:
+        pytest.skip("the fused CPU kernels are not available here")
+    if request.param == "torch":
+        engine.model.kernels = None
+    yield request.param
+    engine.model.kernels = kernels
+
+
 def prefill_into(model, cache: KVCache, row: int, prompt: torch.Tensor) -> None:
     """Cache the K/V of `prompt` [1, n] in `cache` row `row`, as the engine's prefill does."""
     kv: list = []
@@ -47,7 +59,7 @@ def prefill_into(model, cache: KVCache, row: int, prompt: torch.Tensor) -> None:
         cache.v[layer, row, :, :n] = v[0]
 
 
-def test_decode_with_kv_cache_matches_a_full_pass(engine):
+def test_decode_with_kv_cache_matches_a_full_pass(engine, decode_path):
     model = engine.model
     toks = torch.from_numpy(TOKENS)[None]
     with torch.no_grad():
@@ -60,7 +72,7 @@ def test_decode_with_kv_cache_matches_a_full_pass(engine):
             assert torch.max(torch.abs(step - full[pos])).item() < 1e-3
 
 
-def test_decode_rows_at_different_positions_match_full_passes(engine):
+def test_decode_rows_at_different_positions_match_full_passes(engine, decode_path):
     """Rows joining the batch at different times sit at different positions: each row's
     decode step must see only its own cached span (the masked, scattered-write path)."""
     model = engine.model
@@ -153,7 +165,7 @@ def test_concurrent_samples_share_decode_steps_and_stay_deterministic(engine):
     np.testing.assert_allclose(again.result().sequences[0].logprobs, alone.sequences[0].logprobs, atol=1e-4)
 
 
-def test_rows_of_different_adapters_decode_together_as_they_would_alone(engine, tmp_path):
+def test_rows_of_different_adapters_decode_together_as_they_would_alone(engine, tmp_path, decode_path):
     from tinkerd.engine.types import AdapterRef
 
     run = lambda fn, *a: engine.submit(fn, *a).result()  # noqa: E731

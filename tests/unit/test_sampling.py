@@ -2,7 +2,7 @@
 
 import torch
 
-from tinkerd.engine.sampling import choose_token, choose_tokens, filter_logits, make_generator
+from tinkerd.engine.sampling import CDF_BLOCK, _inverse_cdf, choose_token, choose_tokens, filter_logits, make_generator
 from tinkerd.engine.types import SamplingParams
 
 CPU = torch.device("cpu")
@@ -67,3 +67,30 @@ def test_sampled_frequencies_follow_the_distribution():
     limited = choose_tokens(logits.expand(draws, -1), [SamplingParams(max_tokens=1, top_k=3)] * draws,
                             [make_generator(s, 0, CPU) for s in range(draws)])
     assert set(limited.tolist()) == {0, 1, 2}
+
+
+def test_inverse_cdf_matches_a_sequential_float64_search():
+    """The blocked search picks the same index as the plain definition: the first index whose
+    float64 cumulative mass exceeds uniform × total (vocabulary not a multiple of the block)."""
+    gen = torch.Generator().manual_seed(3)
+    vocab = 3 * CDF_BLOCK + 77
+    probs = torch.softmax(torch.randn(64, vocab, generator=gen) * 4, dim=-1)
+    uniforms = torch.rand(64, generator=gen, dtype=torch.float64)
+    cdf = probs.double().cumsum(-1)
+    want = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert torch.equal(_inverse_cdf(probs, uniforms), want)
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_entry():
+    """Filtered distributions: all mass on one entry (inside a block, at the very last index of a
+    partial block, at index 0), uniforms at the ends of [0, 1)."""
+    vocab = 2 * CDF_BLOCK + 5
+    for index in (0, 700, CDF_BLOCK, vocab - 1):
+        probs = torch.zeros(3, vocab)
+        probs[:, index] = 1.0
+        uniforms = torch.tensor([0.0, 0.5, 1.0 - 2.0**-53], dtype=torch.float64)
+        assert _inverse_cdf(probs, uniforms).tolist() == [index] * 3
+    probs = torch.zeros(1, vocab)
+    probs[0, [3, CDF_BLOCK + 9]] = torch.tensor([0.25, 0.75])
+    got = [_inverse_cdf(probs, torch.tensor([u], dtype=torch.float64)).item() for u in (0.0, 0.2499, 0.25, 0.999999)]
+    assert got == [3, 3, CDF_BLOCK + 9, CDF_BLOCK + 9]

@@ -108,8 +108,10 @@ class Engine:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.model = LlamaModel.load(model_dir, self.device, self.dtype)
         self.packed = os.environ.get("TINKERD_CPU_PACKED", "1") != "0" and self.model.pack_for_cpu()
+        self.fused_kernels = self.model.use_cpu_kernels()
         if self.device.type == "cpu":
-            log.info("engine %s: fp32 on CPU, oneDNN prepacked weights %s", name, "on" if self.packed else "off")
+            log.info("engine %s: fp32 on CPU, oneDNN prepacked weights %s, fused decode kernels %s", name,
+                     "on" if self.packed else "off", "on" if self.fused_kernels else "off")
         self.cfg = self.model.cfg
         from transformers import AutoTokenizer
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from tinkerd.engine import cpu_kernels
+
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -419,6 +421,7 @@ class LlamaModel(torch.nn.Module):
         self.w = _fuse_projections(cfg, weights)  # plain dict: frozen, never part of autograd
         self.packed: dict[str, _Packed] = {}  # oneDNN copies for CPU (pack_for_cpu)
         self._decoding = False  # inside a decode step: projections may use `packed`
+        self.kernels: cpu_kernels.CpuKernels | None = None  # fused fp32 CPU decode kernels (use_cpu_kernels)
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
         self.register_buffer("inv_freq", inv_freq.to(next(iter(weights.values())).device), persistent=False)
 
@@ -493,6 +496,13 @@ class LlamaModel(torch.nn.Module):
             return False
         self.packed = packed
         return True
+
+    def use_cpu_kernels(self) -> bool:
+        """Decode steps through the fused C kernels (float32 on CPU only; cpu_kernels.py).
+        Returns whether they are in use."""
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            self.kernels = cpu_kernels.load()
+        return self.kernels is not None
 
     def _attention(
         self,
@@ -600,6 +610,8 @@ class LlamaModel(torch.nn.Module):
         x = F.embedding(tokens[:, 0], w["model.embed_tokens.weight"])  # [B, H]
         self._decoding = True
         try:
+            if self.kernels is not None:
+                return self._decode_layers_fused(x, step, cache, adapters)[:, None]
             for layer in range(cfg.num_layers):
                 p = f"model.layers.{layer}."
                 h = F.rms_norm(x, norm_shape, w[p + "input_layernorm.weight"], eps)
@@ -636,6 +648,39 @@ class LlamaModel(torch.nn.Module):
         finally:
             self._decoding = False
         return F.rms_norm(x, norm_shape, w["model.norm.weight"], eps)[:, None]
+
+    def _decode_layers_fused(
+        self, x: torch.Tensor, step: _DecodeStep, cache: KVCache, adapters: AdapterBatch | None
+    ) -> torch.Tensor:
+        """The layers of `_decode_hidden` with the fused CPU kernels between the matmuls:
+        rotary + cache write + attention in one call, each residual add fused with the RMSNorm
+        that follows it (the last one with the final norm). Returns the final normed hidden."""
+        cfg, w, kern = self.cfg, self.w, self.kernels
+        assert kern is not None
+        bsz, heads, dim = x.shape[0], cfg.num_heads, cfg.head_dim
+        kv_dim, eps, scale = cfg.num_kv_heads * dim, cfg.rms_norm_eps, dim**-0.5
+        cos, signed_sin = step.cos.reshape(bsz, dim), step.signed_sin.reshape(bsz, dim)
+        h = kern.add_rms_norm(x, None, w["model.layers.0.input_layernorm.weight"], eps)
+        for layer in range(cfg.num_layers):
+            p = f"model.layers.{layer}."
+            qkv = self._base_linear(h, p + "self_attn.qkv_proj")
+            if adapters is not None:
+                paths = (p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj")
+                qkv = adapters.apply_fused(qkv, h, paths, (heads * dim, kv_dim, kv_dim))
+            attn = kern.decode_attention(qkv.contiguous(), cos, signed_sin, step.pos, cache.k[layer], cache.v[layer],
+                                         heads, scale, step.span)
+            h = kern.add_rms_norm(x, self._linear(attn, p + "self_attn.o_proj", adapters),
+                                  w[p + "post_attention_layernorm.weight"], eps)
+            gate_up = self._base_linear(h, p + "mlp.gate_up_proj")
+            if adapters is not None:
+                size = cfg.intermediate_size
+                gate_up = adapters.apply_fused(gate_up, h, (p + "mlp.gate_proj", p + "mlp.up_proj"), (size, size))
+            gate, up = gate_up.chunk(2, dim=-1)
+            down = self._linear(F.silu(gate).mul_(up), p + "mlp.down_proj", adapters)
+            last = layer + 1 == cfg.num_layers
+            norm = w["model.norm.weight"] if last else w[f"model.layers.{layer + 1}.input_layernorm.weight"]
+            h = kern.add_rms_norm(x, down, norm, eps)
+        return h
 
     def logits(self, hidden: torch.Tensor, adapters: AdapterBatch | None = None, decoding: bool = False) -> torch.Tensor:
         """Unembedding in fp32 (logprobs are compared across sampler and trainer).

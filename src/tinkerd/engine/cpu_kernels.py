@@ -1,0 +1,127 @@
+"""Fused float32 CPU kernels for the decode step (cpu_kernels.c), compiled on first use.
+
+The C source ships with the package and is built once per machine with the system C
+compiler into a cache directory (`TINKERD_KERNEL_DIR`, default `~/.cache/tinkerd/kernels`),
+keyed by the source, the compiler and the CPU's features. Without a compiler, or with
+`TINKERD_CPU_KERNELS=0`, `load()` returns None and the model uses its torch path, which
+computes the same thing with more, smaller operations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]  # no-trapping-math: vectorised clamps
+
+_p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+
+
+def _cpu_features() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return ""
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode() + _cpu_features().encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TINKERD_KERNEL_DIR") or Path.home() / ".cache" / "tinkerd" / "kernels")
+    target = root / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        built = Path(tmp) / target.name
+        subprocess.run([compiler, *FLAGS, "-o", str(built), str(SOURCE), "-lm"], capture_output=True, text=True, check=True)
+        os.replace(built, target)  # atomic: concurrent builders each install a complete file
+    return target
+
+
+class CpuKernels:
+    """ctypes bindings; every method checks what the C code assumes (float32, CPU, contiguous)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._attention = lib.decode_attention
+        self._attention.argtypes = [_i, _i, _i, _i, _p, _p, _p, _p, _p, _p, _i64, _i64, _f, _p, _i]
+        self._attention.restype = None
+        self._rms = lib.add_rms_norm
+        self._rms.argtypes = [_i, _i, _p, _p, _p, _f, _p, _i]
+        self._rms.restype = None
+
+    @staticmethod
+    def _check(*tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+                raise ValueError("CPU kernels take contiguous float32 CPU tensors")
+
+    def decode_attention(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        signed_sin: torch.Tensor,
+        pos: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        heads: int,
+        scale: float,
+        span: int,
+    ) -> torch.Tensor:
+        """qkv [B, (H + 2 KVH) D]; cos, signed_sin [B, D]; pos [B] int64, all < `span`;
+        k/v_cache one layer's [rows ≥ B, KVH, L ≥ span, D]. Writes this step's K/V; returns [B, H D]."""
+        bsz, kv_heads, length, dim = k_cache.shape[0], k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+        self._check(qkv, cos, signed_sin)
+        if (qkv.shape[0] > bsz or qkv.shape[1] != (heads + 2 * kv_heads) * dim or k_cache.shape != v_cache.shape
+                or k_cache.stride() != v_cache.stride() or k_cache.stride()[2:] != (dim, 1) or heads % kv_heads
+                or pos.dtype != torch.int64 or not pos.is_contiguous() or pos.shape != (qkv.shape[0],) or span > length):
+            raise ValueError("decode_attention: shapes do not match")
+        rows = qkv.shape[0]
+        out = torch.empty(rows, heads * dim)
+        self._attention(rows, heads, kv_heads, dim, qkv.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), pos.data_ptr(),
+                        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), scale,
+                        out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x += delta (in place, when given); returns RMSNorm(x) * weight. x, delta [B, N]."""
+        self._check(x, weight, *([delta] if delta is not None else []))
+        if x.dim() != 2 or weight.shape != (x.shape[1],) or (delta is not None and delta.shape != x.shape):
+            raise ValueError("add_rms_norm: shapes do not match")
+        out = torch.empty_like(x)
+        self._rms(x.shape[0], x.shape[1], x.data_ptr(), delta.data_ptr() if delta is not None else None,
+                  weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+@cache
+def load() -> CpuKernels | None:
+    """The compiled kernels, or None (disabled, no compiler, or the build failed)."""
+    if os.environ.get("TINKERD_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        log.info("no C compiler found: decode steps use the torch path")
+        return None
+    try:
+        return CpuKernels(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, subprocess.CalledProcessError, AttributeError) as exc:
+        detail = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else exc
+        log.warning("CPU kernels unavailable (%s): decode steps use the torch path", str(detail).strip()[:500])
+        return None
