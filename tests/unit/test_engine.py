@@ -165,6 +165,23 @@ def test_concurrent_samples_share_decode_steps_and_stay_deterministic(engine):
     np.testing.assert_allclose(again.result().sequences[0].logprobs, alone.sequences[0].logprobs, atol=1e-4)
 
 
+def test_an_idle_engine_lets_requests_sent_together_share_one_prefill(engine):
+    """Requests reaching an idle engine a little apart (a server parsing a batch of HTTP
+    requests) are prefilled together once arrivals pause, not the first one alone."""
+    quiet, most = engine.admit_quiet_s, engine.admit_max_s
+    engine.admit_quiet_s, engine.admit_max_s = 0.5, 3.0  # wide, so a loaded machine cannot split them
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        prefills = engine.stats["prefill_passes"]
+        first = engine.sample(SampleRequest(prompt=TOKENS[:5].tolist(), num_samples=1, params=params))
+        threading.Event().wait(0.05)
+        second = engine.sample(SampleRequest(prompt=TOKENS[:7].tolist(), num_samples=1, params=params))
+        assert len(first.result().sequences[0].tokens) == 2 and len(second.result().sequences[0].tokens) == 2
+        assert engine.stats["prefill_passes"] - prefills == 1
+    finally:
+        engine.admit_quiet_s, engine.admit_max_s = quiet, most
+
+
 def test_rows_of_different_adapters_decode_together_as_they_would_alone(engine, tmp_path, decode_path):
     from tinkerd.engine.types import AdapterRef
 

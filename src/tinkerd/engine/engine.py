@@ -128,6 +128,7 @@ class Engine:
         self._lora_stacks: OrderedDict = OrderedDict()  # adapter set → stacked LoRA weights for mixed decode
         self._jobs: deque[tuple[Callable[[], Any], Future]] = deque()
         self._new_samples: deque[tuple[SampleRequest, Future]] = deque()
+        self.admit_quiet_s, self.admit_max_s = ADMIT_QUIET_S, ADMIT_MAX_S
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None
         self._cv = threading.Condition()
@@ -217,13 +218,13 @@ class Engine:
 
     def _await_arrivals(self) -> None:
         """Hold (with `_cv` held by the caller) until sample arrivals pause; see ADMIT_QUIET_S."""
-        deadline = time.monotonic() + ADMIT_MAX_S
+        deadline = time.monotonic() + self.admit_max_s
         while not self._stopped and not self._jobs:
             seen = len(self._new_samples)
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            self._cv.wait(min(ADMIT_QUIET_S, left))
+            self._cv.wait(min(self.admit_quiet_s, left))
             if len(self._new_samples) == seen:
                 return
 
