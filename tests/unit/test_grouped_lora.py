@@ -9,6 +9,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from tinkerd.engine import cpu_kernels
 from tinkerd.engine.engine import _row_adapter_batch
 from tinkerd.engine.model import LoraStacks, LoraWeights
 
@@ -48,7 +49,8 @@ def reference(y: torch.Tensor, x: torch.Tensor, adapters: list[LoraWeights | Non
         "two adapters, q and v only",
     ],
 )
-def test_each_row_gets_its_own_adapters_update(layout):
+@pytest.mark.parametrize("fused_kernel", [False, True], ids=["torch", "cpu-kernel"])
+def test_each_row_gets_its_own_adapters_update(layout, fused_kernel):
     full, qv, other = adapter(1, 4, PATHS), adapter(2, 2, ("q", "v")), adapter(3, 8, ("k",))
     qv2 = adapter(4, 6, ("q", "v"))
     rows = {
@@ -59,12 +61,18 @@ def test_each_row_gets_its_own_adapters_update(layout):
     }[layout]
     x = torch.randn(len(rows), IN)
     y = torch.randn(len(rows), sum(SIZES))
-    batch = _row_adapter_batch(rows, torch.device("cpu"), OrderedDict())
-    got = batch.apply_fused(y.clone(), x, PATHS, SIZES)
-    torch.testing.assert_close(got, reference(y, x, rows), rtol=1e-5, atol=1e-5)
-    # One module on its own (o_proj / down_proj style) through the same stacks.
-    want_q = reference(y, x, rows)[:, : SIZES[0]]
-    torch.testing.assert_close(batch.apply(y[:, : SIZES[0]].clone(), x, "q"), want_q, rtol=1e-5, atol=1e-5)
+    kernels = None
+    if fused_kernel:
+        kernels = cpu_kernels.load()
+        if kernels is None:
+            pytest.skip("no C compiler on this machine: decode steps use the torch path")
+    batch = _row_adapter_batch(rows, torch.device("cpu"), OrderedDict(), kernels)
+    with torch.no_grad():  # as in a decode step (the kernel has no backward)
+        got = batch.apply_fused(y.clone(), x, PATHS, SIZES)
+        torch.testing.assert_close(got, reference(y, x, rows), rtol=1e-5, atol=1e-5)
+        # One module on its own (o_proj / down_proj style) through the same stacks.
+        want_q = reference(y, x, rows)[:, : SIZES[0]]
+        torch.testing.assert_close(batch.apply(y[:, : SIZES[0]].clone(), x, "q"), want_q, rtol=1e-5, atol=1e-5)
 
 
 def test_stacks_are_built_once_per_module():

@@ -198,7 +198,8 @@ class LoraStacks:
             if all(part is None for part in parts):
                 self._fused[key] = None
             else:
-                a_stack = torch.cat([part[0] for part in parts if part is not None], dim=2)
+                present = [part[0] for part in parts if part is not None]
+                a_stack = torch.cat(present, dim=2) if len(present) > 1 else present[0]
                 owned = []
                 r0, o0 = 0, 0
                 for part, size in zip(parts, sizes, strict=True):
@@ -216,55 +217,54 @@ class FusedStacks:
     a: torch.Tensor  # [G, in, sum r]
     parts: list[tuple[int, int, int, int, torch.Tensor]]  # (rank from, to, output from, to, B [G, r, out])
 
-    def covers(self, width: int) -> bool:
-        """Whether the parts' outputs tile [0, width) in order (every fused module has LoRA)."""
-        end = 0
-        for _, _, o0, o1, _ in self.parts:
-            if o0 != end:
-                return False
-            end = o1
-        return end == width
-
 
 @dataclass
 class GroupedLora:
     """Rows of several adapters in one decode step: two batched matmuls per module.
 
     Rows are gathered into a [G, max_rows] layout (the Punica / S-LoRA idea), so the cost
-    per module is a gather, two bmm and a scatter-add however many adapters share the step.
-    When every row uses one adapter there is nothing to gather: two matmuls.
+    per module is a gather, two bmm and a gather back to row order, however many adapters
+    share the step. When every row uses one adapter there is nothing to gather: two matmuls.
     """
 
     stacks: LoraStacks
     gather_index: torch.Tensor  # [G * max_rows] row of x for each slot (padding slots repeat row 0)
-    valid_index: torch.Tensor | None  # the slots that hold a row (None: all of them)
-    scatter_index: torch.Tensor  # rows receiving the valid slots, in slot order
+    row_slot: torch.Tensor  # [rows] the slot holding each row: the inverse of gather_index
     groups: int
     max_rows: int
+    order: torch.Tensor  # int32 [rows]: the rows, adapter by adapter (for the CPU kernel)
+    offsets: torch.Tensor  # int32 [G + 1]: where each adapter's rows start in `order`
+    kernels: cpu_kernels.CpuKernels | None = None  # one fused call per module (float32 CPU, no grad)
 
     @classmethod
-    def build(cls, stacks: LoraStacks, row_groups: list[int], device: torch.device) -> GroupedLora:
+    def build(
+        cls, stacks: LoraStacks, row_groups: list[int], device: torch.device, kernels: cpu_kernels.CpuKernels | None = None
+    ) -> GroupedLora:
         members: list[list[int]] = [[] for _ in stacks.adapters]
         for row, g in enumerate(row_groups):
             members[g].append(row)
         max_rows = max(len(m) for m in members)
         gather = [m[i] if i < len(m) else 0 for m in members for i in range(max_rows)]
-        valid = [i < len(m) for m in members for i in range(max_rows)]
+        row_slot = [0] * len(row_groups)
+        for g, m in enumerate(members):
+            for i, row in enumerate(m):
+                row_slot[row] = g * max_rows + i
+        offsets = [0]
+        for m in members:
+            offsets.append(offsets[-1] + len(m))
         return cls(
             stacks=stacks,
             gather_index=torch.tensor(gather, device=device),
-            valid_index=None if all(valid) else torch.tensor([i for i, ok in enumerate(valid) if ok], device=device),
-            scatter_index=torch.tensor([r for r, ok in zip(gather, valid, strict=True) if ok], device=device),
+            row_slot=torch.tensor(row_slot, device=device),
             groups=len(members),
             max_rows=max_rows,
+            order=torch.tensor([row for m in members for row in m], dtype=torch.int32),
+            offsets=torch.tensor(offsets, dtype=torch.int32),
+            kernels=kernels,
         )
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
-        stacked = self.stacks.get(path, x)
-        if stacked is None:
-            return y
-        a, b = stacked
-        return self._add(y, x, FusedStacks(a, [(0, a.shape[2], 0, b.shape[2], b)]))
+        return self.apply_fused(y, x, (path,), (y.shape[-1],))
 
     def apply_fused(self, y: torch.Tensor, x: torch.Tensor, paths: tuple[str, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         stacked = self.stacks.get_fused(paths, sizes, x)
@@ -272,6 +272,12 @@ class GroupedLora:
 
     def _add(self, y: torch.Tensor, x: torch.Tensor, stacked: FusedStacks) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
+        # The kernel pays off with several adapters (torch's gather/bmm/gather-back is a dozen
+        # small operations per module); with one, two plain matmuls were faster.
+        if self.kernels is not None and self.groups > 1 and not torch.is_grad_enabled():
+            out = y.reshape(y.shape[0], -1).contiguous()
+            self.kernels.lora_grouped(flat.contiguous(), stacked.a, stacked.parts, self.order, self.offsets, out)
+            return out.view(y.shape)
         out = y.reshape(y.shape[0], -1)  # a copy when y is a strided slice of a fused output
         if self.groups == 1:  # one adapter for every row, in row order: plain matmuls
             u = flat @ stacked.a[0]
@@ -280,16 +286,12 @@ class GroupedLora:
             return out.view(y.shape)
         padded = flat.index_select(0, self.gather_index).view(self.groups, self.max_rows, -1)
         u = torch.bmm(padded, stacked.a)
-        deltas = [torch.bmm(u[..., r0:r1], b) for r0, r1, _, _, b in stacked.parts]
-        if stacked.covers(out.shape[1]):  # one scatter for the whole output
-            deltas, spans = [torch.cat(deltas, dim=-1) if len(deltas) > 1 else deltas[0]], [(0, out.shape[1])]
-        else:
-            spans = [(o0, o1) for _, _, o0, o1, _ in stacked.parts]
-        for delta, (o0, o1) in zip(deltas, spans, strict=True):
-            delta = delta.view(self.groups * self.max_rows, -1)
-            if self.valid_index is not None:
-                delta = delta.index_select(0, self.valid_index)
-            out[:, o0:o1].index_add_(0, self.scatter_index, delta)
+        slots = self.groups * self.max_rows
+        for r0, r1, o0, o1, b in stacked.parts:
+            # Back to row order by a gather (each row owns exactly one slot): a scatter-add
+            # (index_add_) of the same rows was several times slower on CPU.
+            delta = torch.bmm(u[..., r0:r1], b).view(slots, o1 - o0)
+            out[:, o0:o1].add_(delta.index_select(0, self.row_slot))
         return out.view(y.shape)
 
 
