@@ -79,3 +79,27 @@ def test_stacks_are_built_once_per_module():
     stacks = LoraStacks((adapter(1, 4, PATHS), None))
     like = torch.zeros(1)
     assert stacks.get_fused(PATHS, SIZES, like) is stacks.get_fused(PATHS, SIZES, like)
+
+
+def test_prefill_segments_add_in_place_what_training_adds_out_of_place():
+    """A prefill/scoring pass (no autograd) adds each segment's update into the projection's
+    output in place; a training pass builds it out of place. Same values, per module of a
+    fused output and for a module on its own."""
+    from tinkerd.engine.model import AdapterBatch, AdapterSegment
+
+    full, qv = adapter(1, 4, PATHS), adapter(2, 2, ("q", "v"))
+    batch = AdapterBatch([AdapterSegment(0, 2, full), AdapterSegment(2, 3, None), AdapterSegment(3, 5, qv)])
+    x = torch.randn(5, 3, IN)  # 5 sequences of 3 tokens
+    y = torch.randn(5, 3, sum(SIZES))
+    with torch.enable_grad():
+        want_fused = batch.apply_fused(y.clone().requires_grad_(), x, PATHS, SIZES).detach()
+        want_q = batch.apply(y[..., : SIZES[0]].clone().requires_grad_(), x, "q").detach()
+    with torch.no_grad():
+        fused_out = y.clone()
+        assert batch.apply_fused(fused_out, x, PATHS, SIZES) is fused_out  # written in place
+        q_out = batch.apply(y[..., : SIZES[0]].clone(), x, "q")
+    torch.testing.assert_close(fused_out, want_fused, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q_out, want_q, rtol=1e-5, atol=1e-5)
+    rows = [full, full, None, qv, qv]
+    for t in range(3):  # and both equal the row-by-row reference
+        torch.testing.assert_close(fused_out[:, t], reference(y[:, t], x[:, t], rows), rtol=1e-5, atol=1e-5)

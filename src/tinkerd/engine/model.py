@@ -130,6 +130,8 @@ class AdapterBatch:
         """y (= x @ W.T) plus each row's adapter update for module `path`."""
         if self.grouped is not None:
             return self.grouped.apply(y, x, path)
+        if not torch.is_grad_enabled() and self._add_in_place(y, x, path):
+            return y
         if len(self.segments) == 1:
             adapter = self.segments[0].adapter
             if adapter is None or path not in adapter.a:
@@ -145,6 +147,26 @@ class AdapterBatch:
             parts.append(ys)
         return torch.cat(parts, dim=0)
 
+    def _add_in_place(self, y: torch.Tensor, x: torch.Tensor, path: str) -> bool:
+        """Without autograd (prefill, scoring): y[rows of each segment] += its adapter's update,
+        in place, one addmm per segment (no scaled copy, no sum, no concatenation). False
+        (y untouched) when y's rows cannot be addressed as one 2-D view; then the caller adds
+        out of place."""
+        try:
+            y2 = y.view(-1, y.shape[-1])
+        except RuntimeError:
+            return False
+        x2 = x.reshape(-1, x.shape[-1])
+        per_row = y2.shape[0] // y.shape[0] if y.dim() > 2 else 1  # tokens per batch row
+        for seg in self.segments:
+            adapter = seg.adapter
+            if adapter is None or path not in adapter.a:
+                continue
+            r0, r1 = seg.start * per_row, seg.end * per_row
+            a, b = adapter.a[path].to(x.dtype), adapter.b[path].to(x.dtype)
+            y2[r0:r1].addmm_(x2[r0:r1] @ a.t(), b.t(), alpha=adapter.scale)
+        return True
+
     def apply_fused(self, y: torch.Tensor, x: torch.Tensor, paths: tuple[str, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """y, the output of several projections fused along the last dim (sizes), plus each
         row's adapter update for each of `paths` (e.g. q/k/v from one fused matmul)."""
@@ -153,6 +175,8 @@ class AdapterBatch:
         if not any(seg.adapter is not None and any(p in seg.adapter.a for p in paths) for seg in self.segments):
             return y
         parts = y.split(sizes, dim=-1)
+        if not torch.is_grad_enabled() and all(self._add_in_place(part, x, path) for part, path in zip(parts, paths, strict=True)):
+            return y
         return torch.cat([self.apply(part, x, path) for part, path in zip(parts, paths, strict=True)], dim=-1)
 
 
