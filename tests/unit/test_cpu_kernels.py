@@ -75,11 +75,12 @@ def test_wrong_inputs_are_refused_not_read_out_of_bounds(kernels):
         kernels.add_rms_norm(torch.zeros(2, 4, dtype=torch.float64), None, torch.ones(4, dtype=torch.float64), 1e-5)
 
 
-def lora_case(gen: torch.Generator) -> tuple:
-    """3 adapters with 12, 0 and 9 rows (more than one register block, one adapter idle),
-    rows interleaved; rank columns with a partial vector (40 = 16 + 16 + 8); two parts, one
-    wider than a tile, written at an offset into a wider output."""
-    groups, n, in_dim, ranks = 3, 21, 40, 40
+def lora_case(gen: torch.Generator, n: int = 21) -> tuple:
+    """3 adapters, the first and last with 4 and 3 of every 7 rows (more than one register
+    block), the middle one idle; rows interleaved; rank columns with a partial vector
+    (40 = 16 + 16 + 8); two parts, one wider than a tile, written at an offset into a wider
+    output."""
+    groups, in_dim, ranks = 3, 40, 40
     row_group = [0 if i % 7 < 4 else 2 for i in range(n)]
     order = torch.tensor([r for g in range(groups) for r in range(n) if row_group[r] == g], dtype=torch.int32)
     counts = [row_group.count(g) for g in range(groups)]
@@ -91,8 +92,9 @@ def lora_case(gen: torch.Generator) -> tuple:
     return x, a, parts, order, offsets, out, row_group
 
 
-def test_lora_grouped_gives_each_row_its_own_adapters_update(kernels):
-    x, a, parts, order, offsets, out, row_group = lora_case(torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("rows", [21, 600], ids=["few-rows", "more-rows-than-one-block-of-sums"])
+def test_lora_grouped_gives_each_row_its_own_adapters_update(kernels, rows):
+    x, a, parts, order, offsets, out, row_group = lora_case(torch.Generator().manual_seed(3), rows)
     want = out.clone()
     for row, g in enumerate(row_group):
         u = x[row] @ a[g]

@@ -152,16 +152,18 @@ void add_rms_norm(int B, int N, float *x, const float *delta, const float *weigh
  * rows, straight from the stacks: no gather into a padded layout, no scatter back, and one
  * call per fused module instead of a dozen small operations. x @ a keeps a block of
  * LORA_ROWS x LORA_VEC sums in registers; u @ b walks b one row of a column tile at a time
- * (sums for all of the adapter's rows in that tile stay in L1).
+ * (sums for up to LORA_CHUNK of the adapter's rows in that tile stay in L1).
  * `work` holds nthreads * LORA_ROWS * in floats. Returns 0, or -1 (nothing written) when
  * `order`, `offsets` or the parts do not describe the n rows and the output. */
 #define LORA_ROWS 8
 #define LORA_VEC 16
-#define LORA_SUMS 4096 /* floats of sums per u @ b unit (16 KB) */
+#define LORA_SUMS 4096                         /* floats of sums per u @ b unit (16 KB) */
+#define LORA_CHUNK (LORA_SUMS / LORA_VEC)       /* rows per u @ b unit, at most */
 
+/* Columns per u @ b unit for an adapter with `rows` rows: rows x tile sums fit LORA_SUMS. */
 static inline int64_t lora_tile(int64_t rows) {
-    int64_t t = LORA_SUMS / (rows > 0 ? rows : 1) / LORA_VEC * LORA_VEC;
-    return t < LORA_VEC ? LORA_VEC : t;
+    rows = rows < 1 ? 1 : rows > LORA_CHUNK ? LORA_CHUNK : rows;
+    return LORA_SUMS / rows / LORA_VEC * LORA_VEC;
 }
 
 int lora_grouped(int64_t n, int64_t in_dim, const float *x, int64_t groups, const int32_t *order, const int32_t *offsets,
@@ -194,7 +196,8 @@ int lora_grouped(int64_t n, int64_t in_dim, const float *x, int64_t groups, cons
     for (int64_t p = 0; p < parts; p++)
         for (int64_t g = 0; g < groups; g++) {
             int64_t rows = offsets[g + 1] - offsets[g], tile = lora_tile(rows), width = part_info[4 * p + 3];
-            ends[p * groups + g + 1] = ends[p * groups + g] + (rows ? (width + tile - 1) / tile : 0);
+            int64_t chunks = (rows + LORA_CHUNK - 1) / LORA_CHUNK;
+            ends[p * groups + g + 1] = ends[p * groups + g] + chunks * ((width + tile - 1) / tile);
         }
     int64_t down_units = items * ((rank_total + LORA_VEC - 1) / LORA_VEC), up_units = ends[parts * groups];
 
@@ -237,9 +240,12 @@ int lora_grouped(int64_t n, int64_t in_dim, const float *x, int64_t groups, cons
             int64_t p = pg / groups, g = pg % groups;
             const int64_t *info = part_info + 4 * p;
             int64_t r0 = info[0], rank = info[1], o0 = info[2], width = info[3];
-            int64_t start = offsets[g], rows = offsets[g + 1] - start, tile = lora_tile(rows);
-            int64_t c0 = (t - ends[pg]) * tile, w = width - c0 < tile ? width - c0 : tile;
-            float sums[LORA_SUMS + LORA_VEC * LORA_ROWS];
+            int64_t all_rows = offsets[g + 1] - offsets[g], tile = lora_tile(all_rows);
+            int64_t ntiles = (width + tile - 1) / tile, local = t - ends[pg];
+            int64_t start = offsets[g] + (local / ntiles) * LORA_CHUNK, c0 = (local % ntiles) * tile;
+            int64_t rows = offsets[g + 1] - start < LORA_CHUNK ? offsets[g + 1] - start : LORA_CHUNK;
+            int64_t w = width - c0 < tile ? width - c0 : tile;
+            float sums[LORA_SUMS]; /* rows * w <= LORA_SUMS */
             memset(sums, 0, sizeof(float) * rows * w);
             const float *bg = b[p] + g * rank * width + c0;
             for (int64_t k = 0; k < rank; k++) { /* one row of b's tile at a time, in order */
