@@ -130,7 +130,8 @@ class AdapterBatch:
         """y (= x @ W.T) plus each row's adapter update for module `path`."""
         if self.grouped is not None:
             return self.grouped.apply(y, x, path)
-        if not torch.is_grad_enabled() and self._add_in_place(y, x, path):
+        if not torch.is_grad_enabled() and y.is_contiguous():
+            self._add_in_place(y, x, path)
             return y
         if len(self.segments) == 1:
             adapter = self.segments[0].adapter
@@ -147,15 +148,11 @@ class AdapterBatch:
             parts.append(ys)
         return torch.cat(parts, dim=0)
 
-    def _add_in_place(self, y: torch.Tensor, x: torch.Tensor, path: str) -> bool:
+    def _add_in_place(self, y: torch.Tensor, x: torch.Tensor, path: str) -> None:
         """Without autograd (prefill, scoring): y[rows of each segment] += its adapter's update,
-        in place, one addmm per segment (no scaled copy, no sum, no concatenation). False
-        (y untouched) when y's rows cannot be addressed as one 2-D view; then the caller adds
-        out of place."""
-        try:
-            y2 = y.view(-1, y.shape[-1])
-        except RuntimeError:
-            return False
+        in place, one addmm per segment (no scaled copy, no sum, no concatenation). y is a
+        contiguous output or a column slice of one (its rows form one 2-D view)."""
+        y2 = y.view(-1, y.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         per_row = y2.shape[0] // y.shape[0] if y.dim() > 2 else 1  # tokens per batch row
         for seg in self.segments:
@@ -165,7 +162,6 @@ class AdapterBatch:
             r0, r1 = seg.start * per_row, seg.end * per_row
             a, b = adapter.a[path].to(x.dtype), adapter.b[path].to(x.dtype)
             y2[r0:r1].addmm_(x2[r0:r1] @ a.t(), b.t(), alpha=adapter.scale)
-        return True
 
     def apply_fused(self, y: torch.Tensor, x: torch.Tensor, paths: tuple[str, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """y, the output of several projections fused along the last dim (sizes), plus each
@@ -175,7 +171,9 @@ class AdapterBatch:
         if not any(seg.adapter is not None and any(p in seg.adapter.a for p in paths) for seg in self.segments):
             return y
         parts = y.split(sizes, dim=-1)
-        if not torch.is_grad_enabled() and all(self._add_in_place(part, x, path) for part, path in zip(parts, paths, strict=True)):
+        if not torch.is_grad_enabled() and y.is_contiguous():
+            for part, path in zip(parts, paths, strict=True):
+                self._add_in_place(part, x, path)
             return y
         return torch.cat([self.apply(part, x, path) for part, path in zip(parts, paths, strict=True)], dim=-1)
 
