@@ -113,16 +113,8 @@ class Engine:
         self.model_dir = model_dir
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.model = LlamaModel.load(model_dir, self.device, self.dtype)
-        self.packed = os.environ.get("TINKERD_CPU_PACKED", "1") != "0" and self.model.pack_for_cpu()
-        self.fused_kernels = self.model.use_cpu_kernels()
-        if self.device.type == "cpu":
-            log.info("engine %s: fp32 on CPU, oneDNN prepacked weights %s, fused decode kernels %s", name,
-                     "on" if self.packed else "off", "on" if self.fused_kernels else "off")
-        self.cfg = self.model.cfg
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        self._stopped = False
+        self._cv = threading.Condition()
         self.adapters: dict[str, TrainableAdapter] = {}
         self._sampler_cache: OrderedDict[str, LoraWeights] = OrderedDict()
         self._sampler_cache_size = sampler_cache_size
@@ -132,11 +124,21 @@ class Engine:
         self.admit_quiet_s, self.admit_max_s = ADMIT_QUIET_S, ADMIT_MAX_S
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None
-        self._cv = threading.Condition()
         self.stats = {"forward_backward_calls": 0, "forward_backward_passes": 0, "decode_steps": 0, "prefill_passes": 0}
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        # Every tensor operation of the engine, loading included, runs on its own thread. OpenMP
+        # keeps a thread team per thread that has run a parallel region; once two teams exist
+        # on a 2-core machine, libgomp counts more threads than cores and stops spin-waiting,
+        # and every small parallel operation of a decode step paid a wake-up (5-8x slower).
+        loaded: Future = Future()
+        self._thread = threading.Thread(target=self._loop, args=(loaded,), name=f"engine-{name}", daemon=True)
         self._thread.start()
+        loaded.result()
+        if self.device.type == "cpu":
+            log.info("engine %s: fp32 on CPU, oneDNN prepacked weights %s, fused decode kernels %s", name,
+                     "on" if self.packed else "off", "on" if self.fused_kernels else "off")
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
 
     @property
     def max_context(self) -> int:
@@ -181,8 +183,20 @@ class Engine:
 
     # -- worker loop -----------------------------------------------------------------------
 
-    def _loop(self) -> None:
+    def _load_model(self) -> None:
+        self.model = LlamaModel.load(self.model_dir, self.device, self.dtype)
+        self.packed = os.environ.get("TINKERD_CPU_PACKED", "1") != "0" and self.model.pack_for_cpu()
+        self.fused_kernels = self.model.use_cpu_kernels()
+        self.cfg = self.model.cfg
+
+    def _loop(self, loaded: Future) -> None:
         torch.set_grad_enabled(False)
+        try:
+            self._load_model()
+        except BaseException as exc:  # noqa: BLE001 - reported by the constructor
+            loaded.set_exception(exc)
+            return
+        loaded.set_result(None)
         while True:
             with self._cv:
                 while not (self._stopped or self._jobs or self._new_samples or self._rows):
@@ -766,13 +780,11 @@ def _row_adapter_batch(
     cached stacks, q/k/v and gate/up updates fused), even when every row has one adapter."""
     if all(a is None for a in adapters):
         return AdapterBatch.single(None, len(adapters))
-    order: dict[int, int] = {}
-    distinct: list[LoraWeights | None] = []
-    for a in adapters:
-        if id(a) not in order:
-            order[id(a)] = len(distinct)
-            distinct.append(a)
-    key = tuple(id(a) for a in distinct)
+    # The set of adapters, in a fixed order whatever the rows' order: rows arriving in another
+    # order (or a row leaving and joining) must find the stacks already built, not copy them again.
+    distinct = sorted({id(a): a for a in adapters}.values(), key=id)
+    order = {id(a): g for g, a in enumerate(distinct)}
+    key = tuple(order)
     stacks = stack_cache.get(key)
     if stacks is None:
         stacks = stack_cache[key] = LoraStacks(tuple(distinct))
