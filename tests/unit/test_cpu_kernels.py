@@ -75,49 +75,6 @@ def test_wrong_inputs_are_refused_not_read_out_of_bounds(kernels):
         kernels.add_rms_norm(torch.zeros(2, 4, dtype=torch.float64), None, torch.ones(4, dtype=torch.float64), 1e-5)
 
 
-def lora_case(gen: torch.Generator, n: int = 21) -> tuple:
-    """3 adapters, the first and last with 4 and 3 of every 7 rows (more than one register
-    block), the middle one idle; rows interleaved; rank columns with a partial vector
-    (40 = 16 + 16 + 8); two parts, one wider than a tile, written at an offset into a wider
-    output."""
-    groups, in_dim, ranks = 3, 40, 40
-    row_group = [0 if i % 7 < 4 else 2 for i in range(n)]
-    order = torch.tensor([r for g in range(groups) for r in range(n) if row_group[r] == g], dtype=torch.int32)
-    counts = [row_group.count(g) for g in range(groups)]
-    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-    x, a = torch.randn(n, in_dim, generator=gen), torch.randn(groups, in_dim, ranks, generator=gen)
-    parts = [(0, 24, 5, 5 + 700, torch.randn(groups, 24, 700, generator=gen)),
-             (24, 40, 705, 738, torch.randn(groups, 16, 33, generator=gen))]
-    out = torch.randn(n, 740, generator=gen)
-    return x, a, parts, order, offsets, out, row_group
-
-
-@pytest.mark.parametrize("rows", [21, 600], ids=["few-rows", "more-rows-than-one-block-of-sums"])
-def test_lora_grouped_gives_each_row_its_own_adapters_update(kernels, rows):
-    x, a, parts, order, offsets, out, row_group = lora_case(torch.Generator().manual_seed(3), rows)
-    want = out.clone()
-    for row, g in enumerate(row_group):
-        u = x[row] @ a[g]
-        for r0, r1, o0, o1, b in parts:
-            want[row, o0:o1] += u[r0:r1] @ b[g]
-    kernels.lora_grouped(x, a, parts, order, offsets, out)
-    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
-
-
-def test_lora_grouped_refuses_rows_or_parts_out_of_range(kernels):
-    x, a, parts, order, offsets, out, _ = lora_case(torch.Generator().manual_seed(4))
-    before = out.clone()
-    bad_order = order.clone()
-    bad_order[3] = 21  # a row that does not exist
-    with pytest.raises(ValueError, match="out of range"):
-        kernels.lora_grouped(x, a, parts, bad_order, offsets, out)
-    with pytest.raises(ValueError, match="out of range"):  # a part past the output's width
-        kernels.lora_grouped(x, a, [(0, 24, 100, 800, torch.randn(3, 24, 700))], order, offsets, out)
-    with pytest.raises(ValueError, match="do not match"):  # b stacked for 2 adapters, not 3
-        kernels.lora_grouped(x, a, [(0, 24, 0, 700, torch.randn(2, 24, 700))], order, offsets, out)
-    assert torch.equal(out, before)
-
-
 def test_without_a_working_compiler_the_torch_path_is_used(monkeypatch, tmp_path):
     monkeypatch.setenv("TINKERD_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")

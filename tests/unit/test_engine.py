@@ -236,3 +236,27 @@ def test_sampled_logprobs_equal_scoring_the_same_tokens_with_an_adapter(engine, 
     base = engine.sample(SampleRequest(prompt=prompt + sampled.sequences[0].tokens, num_samples=1, prompt_logprobs=True,
                                        params=SamplingParams(max_tokens=0))).result()
     assert np.max(np.abs(np.array(base.prompt_logprobs[len(prompt):]) - sampled.sequences[0].logprobs)) > 1e-2
+
+
+def test_the_model_loads_on_the_engine_thread_and_load_errors_reach_the_caller(model_dir, tmp_path, monkeypatch):
+    """All of the engine's tensor work runs on its one thread, loading included: a second
+    thread running OpenMP regions (the caller's) makes every small parallel op of a decode
+    step wait for a sleeping worker on a 2-core machine."""
+    from tinkerd.engine import engine as engine_module
+
+    loaded_on = []
+    real_load = engine_module.LlamaModel.load
+
+    def recording_load(*args, **kwargs):
+        loaded_on.append(threading.current_thread().name)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module.LlamaModel, "load", recording_load)
+    eng = Engine("loads-here", model_dir, device="cpu")
+    try:
+        assert loaded_on == ["engine-loads-here"]
+        assert eng.fused_kernels in (True, False) and eng.cfg.vocab_size > 0
+    finally:
+        eng.shutdown()
+    with pytest.raises(FileNotFoundError):
+        Engine("missing", tmp_path / "no-such-model", device="cpu")

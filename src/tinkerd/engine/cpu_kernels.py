@@ -65,9 +65,6 @@ class CpuKernels:
         self._rms = lib.add_rms_norm
         self._rms.argtypes = [_i, _i, _p, _p, _p, _f, _p, _i]
         self._rms.restype = None
-        self._lora = lib.lora_grouped
-        self._lora.argtypes = [_i64, _i64, _p, _i64, _p, _p, _p, _i64, _p, _i64, _p, _p, _p, _i64, _p, _i]
-        self._lora.restype = _i
 
     @staticmethod
     def _check(*tensors: torch.Tensor) -> None:
@@ -111,38 +108,6 @@ class CpuKernels:
         self._rms(x.shape[0], x.shape[1], x.data_ptr(), delta.data_ptr() if delta is not None else None,
                   weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
         return out
-
-
-    def lora_grouped(
-        self,
-        x: torch.Tensor,
-        a: torch.Tensor,
-        parts: list[tuple[int, int, int, int, torch.Tensor]],
-        order: torch.Tensor,
-        offsets: torch.Tensor,
-        out: torch.Tensor,
-    ) -> None:
-        """In place: out[row, o0:o1] += (x[row] @ a[g])[r0:r1] @ b[g] for each part (r0, r1, o0, o1, b),
-        g the row's adapter. x [n, in]; a [G, in, R]; b [G, r1 - r0, o1 - o0]; out [n, width];
-        order int32 [n]: rows adapter by adapter; offsets int32 [G + 1]: where each adapter's rows start."""
-        self._check(x, a, out, *(b for *_, b in parts))
-        n, in_dim = x.shape
-        groups = a.shape[0]
-        if (a.dim() != 3 or a.shape[1] != in_dim or out.dim() != 2 or out.shape[0] != n
-                or order.dtype != torch.int32 or offsets.dtype != torch.int32 or not order.is_contiguous()
-                or not offsets.is_contiguous() or order.shape != (n,) or offsets.shape != (groups + 1,)
-                or any(b.dim() != 3 or b.shape != (groups, r1 - r0, o1 - o0) for r0, r1, o0, o1, b in parts)):
-            raise ValueError("lora_grouped: shapes do not match")
-        info = (_i64 * (4 * len(parts)))(*[v for r0, r1, o0, o1, _ in parts for v in (r0, r1 - r0, o0, o1 - o0)])
-        weights = (_p * len(parts))(*[b.data_ptr() for *_, b in parts])
-        threads = torch.get_num_threads()
-        u = torch.empty(n, a.shape[2])
-        work = torch.empty(threads * 8 * in_dim)  # LORA_ROWS rows of x per thread
-        status = self._lora(n, in_dim, x.data_ptr(), groups, order.data_ptr(), offsets.data_ptr(), a.data_ptr(),
-                            a.shape[2], u.data_ptr(), len(parts), info, weights, out.data_ptr(), out.shape[1],
-                            work.data_ptr(), threads)
-        if status != 0:
-            raise ValueError("lora_grouped: rows, offsets or parts out of range")
 
 
 @cache

@@ -254,14 +254,9 @@ class GroupedLora:
     row_slot: torch.Tensor  # [rows] the slot holding each row: the inverse of gather_index
     groups: int
     max_rows: int
-    order: torch.Tensor  # int32 [rows]: the rows, adapter by adapter (for the CPU kernel)
-    offsets: torch.Tensor  # int32 [G + 1]: where each adapter's rows start in `order`
-    kernels: cpu_kernels.CpuKernels | None = None  # one fused call per module (float32 CPU, no grad)
 
     @classmethod
-    def build(
-        cls, stacks: LoraStacks, row_groups: list[int], device: torch.device, kernels: cpu_kernels.CpuKernels | None = None
-    ) -> GroupedLora:
+    def build(cls, stacks: LoraStacks, row_groups: list[int], device: torch.device) -> GroupedLora:
         members: list[list[int]] = [[] for _ in stacks.adapters]
         for row, g in enumerate(row_groups):
             members[g].append(row)
@@ -271,18 +266,12 @@ class GroupedLora:
         for g, m in enumerate(members):
             for i, row in enumerate(m):
                 row_slot[row] = g * max_rows + i
-        offsets = [0]
-        for m in members:
-            offsets.append(offsets[-1] + len(m))
         return cls(
             stacks=stacks,
             gather_index=torch.tensor(gather, device=device),
             row_slot=torch.tensor(row_slot, device=device),
             groups=len(members),
             max_rows=max_rows,
-            order=torch.tensor([row for m in members for row in m], dtype=torch.int32),
-            offsets=torch.tensor(offsets, dtype=torch.int32),
-            kernels=kernels,
         )
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
@@ -294,12 +283,6 @@ class GroupedLora:
 
     def _add(self, y: torch.Tensor, x: torch.Tensor, stacked: FusedStacks) -> torch.Tensor:
         flat = x.reshape(x.shape[0], -1)
-        # The kernel pays off with several adapters (torch's gather/bmm/gather-back is a dozen
-        # small operations per module); with one, two plain matmuls were faster.
-        if self.kernels is not None and self.groups > 1 and not torch.is_grad_enabled():
-            out = y.reshape(y.shape[0], -1).contiguous()
-            self.kernels.lora_grouped(flat.contiguous(), stacked.a, stacked.parts, self.order, self.offsets, out)
-            return out.view(y.shape)
         out = y.reshape(y.shape[0], -1)  # a copy when y is a strided slice of a fused output
         if self.groups == 1:  # one adapter for every row, in row order: plain matmuls
             u = flat @ stacked.a[0]
