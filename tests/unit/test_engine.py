@@ -255,7 +255,7 @@ def test_the_model_loads_on_the_engine_thread_and_load_errors_reach_the_caller(m
     eng = Engine("loads-here", model_dir, device="cpu")
     try:
         assert loaded_on == ["engine-loads-here"]
-        assert eng.fused_kernels in (True, False) and eng.cfg.vocab_size > 0
+        assert eng.cfg.vocab_size > 0  # the constructor returns once the model is loaded
     finally:
         eng.shutdown()
     with pytest.raises(FileNotFoundError):
