@@ -4,11 +4,13 @@ modules (PEFT adapters on q and v only) and adapters of different ranks."""
 
 from __future__ import annotations
 
+import shutil
 from collections import OrderedDict
 
 import pytest
 import torch
 
+from tinkerd.engine import cpu_kernels
 from tinkerd.engine.engine import _row_adapter_batch
 from tinkerd.engine.model import LoraStacks, LoraWeights
 
@@ -25,6 +27,18 @@ def adapter(seed: int, rank: int, paths: tuple[str, ...]) -> LoraWeights:
         b={p: torch.randn(outs[p], rank, generator=gen) for p in paths},
         scale=0.5 + seed,
     )
+
+
+@pytest.fixture(params=["torch", "C kernel"])
+def kernels(request):
+    """Both decode paths: torch's gather / bmm / gather back, and the float32 CPU kernel."""
+    if request.param == "torch":
+        return None
+    if shutil.which("gcc") is None and shutil.which("cc") is None:
+        pytest.skip("no C compiler on this machine: the torch path serves decode steps")
+    loaded = cpu_kernels.load()
+    assert loaded is not None, "a C compiler is present, so the kernels must build and load"
+    return loaded
 
 
 def reference(y: torch.Tensor, x: torch.Tensor, adapters: list[LoraWeights | None]) -> torch.Tensor:
@@ -48,7 +62,7 @@ def reference(y: torch.Tensor, x: torch.Tensor, adapters: list[LoraWeights | Non
         "two adapters, q and v only",
     ],
 )
-def test_each_row_gets_its_own_adapters_update(layout):
+def test_each_row_gets_its_own_adapters_update(layout, kernels):
     full, qv, other = adapter(1, 4, PATHS), adapter(2, 2, ("q", "v")), adapter(3, 8, ("k",))
     qv2 = adapter(4, 6, ("q", "v"))
     rows = {
@@ -59,7 +73,8 @@ def test_each_row_gets_its_own_adapters_update(layout):
     }[layout]
     x = torch.randn(len(rows), IN)
     y = torch.randn(len(rows), sum(SIZES))
-    batch = _row_adapter_batch(rows, torch.device("cpu"), OrderedDict())
+    batch = _row_adapter_batch(rows, torch.device("cpu"), OrderedDict(), kernels)
+    assert (batch.grouped.kernels is not None) == (kernels is not None)
     got = batch.apply_fused(y.clone(), x, PATHS, SIZES)
     torch.testing.assert_close(got, reference(y, x, rows), rtol=1e-5, atol=1e-5)
     # One module on its own (o_proj / down_proj style) through the same stacks.
@@ -97,15 +112,60 @@ def test_prefill_segments_add_in_place_what_training_adds_out_of_place():
         torch.testing.assert_close(fused_out[:, t], reference(y[:, t], x[:, t], rows), rtol=1e-5, atol=1e-5)
 
 
-def test_the_same_adapters_in_another_row_order_reuse_their_stacks():
+def test_the_same_adapters_in_another_row_order_reuse_their_stacks(kernels):
     """Stacks are keyed by the set of adapters, so rows that arrive in another order (or a row
     that leaves and joins again) reuse them instead of copying every adapter's weights again."""
     first, second = adapter(1, 4, PATHS), adapter(2, 2, ("q", "v"))
     cache: OrderedDict = OrderedDict()
-    a = _row_adapter_batch([first, second, first], torch.device("cpu"), cache)
-    b = _row_adapter_batch([second, first, None, second], torch.device("cpu"), cache)
-    c = _row_adapter_batch([second, first], torch.device("cpu"), cache)
+    a = _row_adapter_batch([first, second, first], torch.device("cpu"), cache, kernels)
+    b = _row_adapter_batch([second, first, None, second], torch.device("cpu"), cache, kernels)
+    c = _row_adapter_batch([second, first], torch.device("cpu"), cache, kernels)
     assert a.grouped.stacks is c.grouped.stacks  # same set, other order
     assert b.grouped.stacks is not a.grouped.stacks  # None (base rows) makes another set
     x, y = torch.randn(2, IN), torch.randn(2, sum(SIZES))
     torch.testing.assert_close(c.apply_fused(y.clone(), x, PATHS, SIZES), reference(y, x, [second, first]), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_many_rows_wide_outputs_and_large_ranks(kernels):
+    """Shapes that exercise every blocking of the C kernel: more than 4 rows of one adapter,
+    outputs over several 64-column tiles with a ragged last tile, and ranks that sum past 64
+    (and are not multiples of 16). The torch path must agree too."""
+    sizes, in_dim = (130, 64, 70), 40
+    outs = dict(zip(PATHS, sizes, strict=True))
+
+    def wide(seed: int, rank: int, paths: tuple[str, ...]) -> LoraWeights:
+        gen = torch.Generator().manual_seed(seed)
+        return LoraWeights(
+            a={p: torch.randn(rank, in_dim, generator=gen) for p in paths},
+            b={p: torch.randn(outs[p], rank, generator=gen) for p in paths},
+            scale=0.25 * seed,
+        )
+
+    big, small = wide(1, 40, PATHS), wide(2, 3, ("k", "v"))
+    rows = [big, small, big, big, None, big, big, small, big, big, small]
+    x, y = torch.randn(len(rows), in_dim), torch.randn(len(rows), sum(sizes))
+    want = y.clone()
+    for row, a in enumerate(rows):
+        o0 = 0
+        for path, size in zip(PATHS, sizes, strict=True):
+            if a is not None and path in a.a:
+                want[row, o0 : o0 + size] += (x[row] @ a.a[path].t() @ a.b[path].t()) * a.scale
+            o0 += size
+    batch = _row_adapter_batch(rows, torch.device("cpu"), OrderedDict(), kernels)
+    got = batch.apply_fused(y.clone(), x, PATHS, sizes)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+def test_kernel_refuses_inputs_that_do_not_match_its_weights(kernels):
+    if kernels is None:
+        pytest.skip("the C kernel's own checks")
+    stacks = LoraStacks((adapter(1, 4, PATHS), adapter(2, 2, ("q", "v"))))
+    blocks = stacks.get_blocks(PATHS, SIZES)
+    order, offsets = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)
+    with pytest.raises(ValueError):  # input width is not the adapters'
+        kernels.lora_grouped(torch.randn(2, IN + 1), order, offsets, blocks, torch.zeros(2, sum(SIZES)))
+    with pytest.raises(ValueError):  # output narrower than the fused projection
+        kernels.lora_grouped(torch.randn(2, IN), order, offsets, blocks, torch.zeros(2, sum(SIZES) - 1))
+    with pytest.raises(ValueError):  # a row index out of range
+        kernels.lora_grouped(torch.randn(2, IN), torch.tensor([0, 5], dtype=torch.int32), offsets, blocks,
+                             torch.zeros(2, sum(SIZES)))

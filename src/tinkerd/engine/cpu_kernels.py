@@ -65,6 +65,9 @@ class CpuKernels:
         self._rms = lib.add_rms_norm
         self._rms.argtypes = [_i, _i, _p, _p, _p, _f, _p, _i]
         self._rms.restype = None
+        self._lora = lib.lora_grouped
+        self._lora.argtypes = [_i64, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _i64, _p, _p, _p, _i64, _i]
+        self._lora.restype = _i
 
     @staticmethod
     def _check(*tensors: torch.Tensor) -> None:
@@ -108,6 +111,51 @@ class CpuKernels:
         self._rms(x.shape[0], x.shape[1], x.data_ptr(), delta.data_ptr() if delta is not None else None,
                   weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
         return out
+
+
+    def lora_grouped(self, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, blocks: LoraBlocks,
+                     out: torch.Tensor) -> None:
+        """out[row] += that row's adapter update, for rows of several adapters (cpu_kernels.c).
+
+        x [n, in]; `order` int32 [n]: the rows adapter by adapter; `offsets` int32 [G + 1]:
+        where each adapter's rows start in `order`; out [n, ≥ every part's output], in place."""
+        self._check(x, out)
+        n, in_dim = x.shape
+        groups = blocks.a.shape[0]
+        if (blocks.a.shape[1] != in_dim or out.dim() != 2 or out.shape[0] != n or out.shape[1] < blocks.out_width
+                or order.shape != (n,) or offsets.shape != (groups + 1,)
+                or any(t.dtype != torch.int32 or not t.is_contiguous() for t in (order, offsets))):
+            raise ValueError("lora_grouped: shapes do not match")
+        u = torch.empty(n, blocks.a.shape[2])
+        status = self._lora(n, in_dim, x.data_ptr(), groups, order.data_ptr(), offsets.data_ptr(),
+                            blocks.skip.data_ptr(), blocks.a.data_ptr(), blocks.a.shape[2], u.data_ptr(),
+                            len(blocks.b), blocks.part_info.data_ptr(), blocks.pointers, out.data_ptr(), out.shape[1],
+                            torch.get_num_threads())
+        if status != 0:
+            raise ValueError("lora_grouped: arguments rejected")
+
+
+class LoraBlocks:
+    """Several adapters' LoRA weights for a group of projections fused along their output,
+    in the layout `lora_grouped` reads (checked once, here).
+
+    a [G, in, R]: every part's A side by side, R padded to a multiple of 16 with zeros;
+    b[p] [G, ceil(width / 64), rank, 64]: part p's B (scale folded in), each 64-column
+    tile one contiguous run; part_info int64 [P, 4]: (rank from, rank, output from, width);
+    skip int32 [G]: 1 for an adapter with no update for these modules."""
+
+    def __init__(self, a: torch.Tensor, b: list[torch.Tensor], part_info: torch.Tensor, skip: torch.Tensor):
+        CpuKernels._check(a, *b)
+        groups, _, rank_total = a.shape
+        info = part_info.tolist()
+        if (a.dim() != 3 or rank_total % 16 or part_info.dtype != torch.int64 or part_info.shape != (len(b), 4)
+                or not part_info.is_contiguous() or skip.dtype != torch.int32 or skip.shape != (groups,)
+                or any(bp.dim() != 4 or bp.shape[0] != groups or bp.shape[2:] != (rank, 64) or bp.shape[1] * 64 < width
+                       or r0 + rank > rank_total for bp, (r0, rank, _, width) in zip(b, info, strict=True))):
+            raise ValueError("LoraBlocks: shapes do not match")
+        self.a, self.b, self.part_info, self.skip = a, b, part_info, skip
+        self.out_width = max((o0 + width for _, _, o0, width in info), default=0)
+        self.pointers = (ctypes.c_void_p * max(len(b), 1))(*[bp.data_ptr() for bp in b])
 
 
 @cache

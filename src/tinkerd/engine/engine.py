@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from tinkerd.engine import losses
+from tinkerd.engine.cpu_kernels import CpuKernels
 from tinkerd.engine.lora_io import read_checkpoint_dir, read_optimizer, write_checkpoint_dir
 from tinkerd.engine.model import (
     AdapterBatch,
@@ -753,7 +754,7 @@ class Engine:
             self._cache = self._cache.grown(self._cache.rows, max(need_len, min(2 * self._cache.length, self.max_context + 1)))
         tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
         positions = torch.tensor([[r.position] for r in rows], device=self.device)
-        batch = _row_adapter_batch([r.request.adapter for r in rows], self.device, self._lora_stacks)
+        batch = _row_adapter_batch([r.request.adapter for r in rows], self.device, self._lora_stacks, self.model.kernels)
         hidden = self.model.hidden_states(tokens, batch, positions=positions, cache=self._cache)
         logits = self.model.logits(hidden, batch, decoding=True)[:, 0]
         for row in rows:
@@ -773,7 +774,8 @@ class Engine:
 
 
 def _row_adapter_batch(
-    adapters: list[LoraWeights | None], device: torch.device, stack_cache: OrderedDict
+    adapters: list[LoraWeights | None], device: torch.device, stack_cache: OrderedDict,
+    kernels: CpuKernels | None = None,
 ) -> AdapterBatch:
     """Decode rows by adapter: the base alone → plain; otherwise grouped batched LoRA (with
     cached stacks, q/k/v and gate/up updates fused), even when every row has one adapter."""
@@ -790,7 +792,7 @@ def _row_adapter_batch(
         while len(stack_cache) > 4:
             stack_cache.popitem(last=False)
     stack_cache.move_to_end(key)
-    grouped = GroupedLora.build(stacks, [order[id(a)] for a in adapters], device)
+    grouped = GroupedLora.build(stacks, [order[id(a)] for a in adapters], device, kernels)
     return AdapterBatch([AdapterSegment(0, len(adapters), None)], grouped=grouped)
 
 
