@@ -263,6 +263,13 @@ class Context:
             self._engine = Engine("bench", self.model_dir)
         return self._engine
 
+    def on_torch_thread(self, fn: Any, *args: Any) -> Any:
+        """fn(*args) on the in-process engine's thread, the one thread of this process that runs
+        torch work: a second thread running parallel torch ops makes a second OpenMP team, and
+        with two teams on a small machine every small parallel op of both slows down several
+        times (README, "one thread"). The in-process baselines run here for that reason."""
+        return self.engine().submit(fn, *args).result()
+
     def service_client(self) -> Any:
         import tinker
 

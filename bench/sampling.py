@@ -88,12 +88,12 @@ def run(ctx: Context, smoke: bool) -> dict:
     sampler = service.create_sampling_client(base_model=ctx.model_name).result()
     log(f"sampling: {n} x {new_tokens} new tokens (prompts of {cfg['prompt_len']}); warm-up")
     engine = ctx.engine()
-    generate = Generate(ctx)
+    generate = ctx.on_torch_thread(Generate, ctx)
     # Each side: (batch run, single run), taking turns round by round after a short warm-up each.
     sides = {
         "server": lambda p, t, seed=0: sdk_sample_concurrently([sampler], p, t, seed),
         "engine": lambda p, t, seed=0: engine_sample_concurrently(engine, p, t, seed),
-        "baseline": generate,
+        "baseline": lambda p, t, seed=0: ctx.on_torch_thread(generate, p, t, seed),
     }
     for side in sides.values():
         side(prompts, 4)

@@ -117,10 +117,11 @@ class PeftTrainer:
 
     def step(self) -> float:
         torch = self.torch
-        logits = self.model(input_ids=self.inputs, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.targets.reshape(-1),
-                                                 reduction="sum")
-        loss.backward()
+        with torch.enable_grad():  # it runs on the engine's thread, where autograd is off by default
+            logits = self.model(input_ids=self.inputs, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                     self.targets.reshape(-1), reduction="sum")
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(loss.detach())
@@ -151,13 +152,13 @@ def run(ctx: Context, smoke: bool) -> dict:
     engine = EngineTrainer(ctx, sequences)
     first_loss["tinkerd_engine_in_process"] = engine.step()
     settle()
-    baseline = PeftTrainer(ctx, sequences)
-    first_loss["transformers_peft"] = baseline.step()
+    baseline = ctx.on_torch_thread(PeftTrainer, ctx, sequences)
+    first_loss["transformers_peft"] = ctx.on_torch_thread(baseline.step)
     settle()
 
     # The sides take turns, round by round, so that load from elsewhere hits them alike.
     sides = {"tinkerd_sdk": lambda: sdk_step(training, datums), "tinkerd_engine_in_process": engine.step,
-             "transformers_peft": baseline.step}
+             "transformers_peft": lambda: ctx.on_torch_thread(baseline.step)}
     step_s: dict[str, list[float]] = {name: [] for name in sides}
     for round_index in range(cfg["rounds"]):
         for name, step in sides.items():
@@ -174,7 +175,7 @@ def run(ctx: Context, smoke: bool) -> dict:
     del baseline, sides
     gc.collect()
 
-    peak = matmul_peak(ctx, tokens_per_step)
+    peak = ctx.on_torch_thread(matmul_peak, ctx, tokens_per_step)
     tps = {name: tokens_per_step * len(times) / sum(times) for name, times in step_s.items()}
     flops_per_token = ctx.shape.lora_train_flops_per_token(seq_len, RANK)
     gflops = {name: rate * flops_per_token / 1e9 for name, rate in tps.items()}
