@@ -93,7 +93,7 @@ def run(ctx: Context, smoke: bool) -> dict:
     sides = {
         "server": lambda p, t, seed=0: sdk_sample_concurrently([sampler], p, t, seed),
         "engine": lambda p, t, seed=0: engine_sample_concurrently(engine, p, t, seed),
-        "baseline": lambda p, t, seed=0: ctx.on_torch_thread(generate, p, t, seed),
+        "baseline": lambda p, t, seed=0, hf=generate: ctx.on_torch_thread(hf, p, t, seed),
     }
     for side in sides.values():
         side(prompts, 4)

@@ -158,7 +158,7 @@ def run(ctx: Context, smoke: bool) -> dict:
 
     # The sides take turns, round by round, so that load from elsewhere hits them alike.
     sides = {"tinkerd_sdk": lambda: sdk_step(training, datums), "tinkerd_engine_in_process": engine.step,
-             "transformers_peft": lambda: ctx.on_torch_thread(baseline.step)}
+             "transformers_peft": lambda step=baseline.step: ctx.on_torch_thread(step)}
     step_s: dict[str, list[float]] = {name: [] for name in sides}
     for round_index in range(cfg["rounds"]):
         for name, step in sides.items():
