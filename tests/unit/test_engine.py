@@ -140,6 +140,34 @@ def test_calls_of_different_adapters_share_a_pass_and_keep_their_own_gradients(e
         torch.testing.assert_close(engine.adapters["a"].weights.b[path], engine.adapters["solo"].weights.b[path], atol=1e-6, rtol=1e-5)
 
 
+def test_a_call_larger_than_one_pass_runs_in_several_and_sums_their_gradients(engine):
+    """A forward_backward of more padded tokens than one pass holds (512 on CPU) runs as several
+    passes; the loss, logprobs and gradient are those of one pass over everything."""
+    run = lambda fn, *a: engine.submit(fn, *a).result()  # noqa: E731
+    for name in ("whole", "split"):
+        run(engine.create_adapter, name, LoraSpec(rank=4, seed=3))
+    datums = [datum(np.roll(TOKENS, i)) for i in range(3)]  # 3 rows of 12 tokens
+    budget = engine.train_pass_tokens
+    try:
+        engine.train_pass_tokens = 10_000
+        before = engine.stats["forward_backward_passes"]
+        whole = run(engine.forward_backward, "whole", datums, "cross_entropy", {}, False)
+        assert engine.stats["forward_backward_passes"] - before == 1
+        engine.train_pass_tokens = 24  # two rows of 12 per pass
+        before = engine.stats["forward_backward_passes"]
+        split = run(engine.forward_backward, "split", datums, "cross_entropy", {}, False)
+        assert engine.stats["forward_backward_passes"] - before == 2
+    finally:
+        engine.train_pass_tokens = budget
+    assert split.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-5)
+    for got, want in zip(split.outputs, whole.outputs, strict=True):
+        np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+    grads = {name: engine.adapters[name].weights.b for name in ("whole", "split")}
+    for path, weight in grads["whole"].items():
+        assert weight.grad is not None and weight.grad.abs().sum() > 0
+        torch.testing.assert_close(grads["split"][path].grad, weight.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_concurrent_samples_share_decode_steps_and_stay_deterministic(engine):
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=17, ignore_eos=True)
     alone = engine.sample(SampleRequest(prompt=TOKENS[:5].tolist(), num_samples=1, params=params)).result()
