@@ -133,6 +133,16 @@ class AdapterBatch:
         if not torch.is_grad_enabled() and y.is_contiguous():
             self._add_in_place(y, x, path)
             return y
+        if y.is_contiguous() and not y._is_view() and not (y.is_leaf and y.requires_grad):
+            # Training: every segment's update added into the projection's output in place
+            # by one autograd function (no per-segment copies and concatenation, whose
+            # forward and backward cost ~7 % of a pass of 4 adapters).
+            live = [seg for seg in self.segments if seg.adapter is not None and path in seg.adapter.a]
+            if not live:
+                return y
+            weights = [w for seg in live for w in (seg.adapter.a[path].to(x.dtype), seg.adapter.b[path].to(x.dtype))]
+            bounds = tuple((seg.start, seg.end) for seg in live)
+            return _SegmentedLora.apply(y, x, bounds, tuple(seg.adapter.scale for seg in live), *weights)
         if len(self.segments) == 1:
             adapter = self.segments[0].adapter
             if adapter is None or path not in adapter.a:
@@ -358,6 +368,52 @@ class GroupedLora:
             delta = torch.bmm(u[..., r0:r1], b).view(slots, o1 - o0)
             out[:, o0:o1].add_(delta.index_select(0, self.row_slot))
         return out.view(y.shape)
+
+
+class _SegmentedLora(torch.autograd.Function):
+    """y[rows of segment i] += scale_i · (x A_iᵀ) B_iᵀ, in place, for training passes.
+
+    y [B, ..., out] is the base projection's output (its own backward does not need it, so
+    it may be overwritten); x [B, ..., in]; `bounds` the batch rows (start, end) of each
+    segment; weights a_0, b_0, a_1, b_1, ... ([r, in], [out, r]). The backward hands y's
+    gradient through untouched and computes each segment's from its own rows only, so an
+    adapter's gradient comes from its own rows alone, as with one pass per adapter."""
+
+    @staticmethod
+    def forward(ctx, y, x, bounds, scales, *weights):  # noqa: ANN001, ANN205 - autograd signature
+        y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
+        per_row = y2.shape[0] // y.shape[0]  # tokens per batch row
+        us = []
+        for (start, end), scale, a, b in zip(bounds, scales, weights[0::2], weights[1::2], strict=True):
+            u = x2[start * per_row : end * per_row] @ a.t()
+            y2[start * per_row : end * per_row].addmm_(u, b.t(), alpha=scale)
+            us.append(u)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, *weights, *us)
+        ctx.bounds, ctx.scales, ctx.per_row = bounds, scales, per_row
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205 - autograd signature
+        x, *rest = ctx.saved_tensors
+        n, per_row = len(ctx.bounds), ctx.per_row
+        weights, us = rest[: 2 * n], rest[2 * n :]
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[1]:
+            covered = sum(end - start for start, end in ctx.bounds) * per_row
+            grad_x = torch.empty_like(x2) if covered == x2.shape[0] else torch.zeros_like(x2)
+        grad_weights: list[torch.Tensor | None] = []
+        for i, ((start, end), scale) in enumerate(zip(ctx.bounds, ctx.scales, strict=True)):
+            a, b, u = weights[2 * i], weights[2 * i + 1], us[i]
+            rows = slice(start * per_row, end * per_row)
+            g = g2[rows]
+            gu = (g @ b).mul_(scale)  # [n, r]
+            if grad_x is not None:
+                torch.mm(gu, a, out=grad_x[rows])
+            grad_weights.append(gu.t() @ x2[rows] if ctx.needs_input_grad[4 + 2 * i] else None)
+            grad_weights.append((g.t() @ u).mul_(scale) if ctx.needs_input_grad[5 + 2 * i] else None)
+        return grad, None if grad_x is None else grad_x.view_as(x), None, None, *grad_weights
 
 
 def _lora_delta(x: torch.Tensor, adapter: LoraWeights, path: str) -> torch.Tensor:
