@@ -212,3 +212,23 @@ def test_training_segments_get_the_gradients_of_separate_passes():
         else:
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     assert kv.a["k"].grad is None  # the module it lacks ("q") gave it nothing
+
+
+def test_kernel_weights_are_laid_out_once_per_adapter_whatever_set_it_decodes_in(kernels):
+    """When the set of adapters in a decode step changes (a tenant's last row finishes, another
+    joins), the C kernel's new set points at each adapter's blocks built before: nothing is
+    copied again, and the results stay right."""
+    if kernels is None:
+        pytest.skip("the C kernel's layout")
+    first, second, third = adapter(1, 4, PATHS), adapter(2, 2, ("q", "v")), adapter(3, 8, PATHS)
+    cache: OrderedDict = OrderedDict()
+    x, y = torch.randn(3, IN), torch.randn(3, sum(SIZES))
+    before = _row_adapter_batch([first, second, third], torch.device("cpu"), cache, kernels)
+    before.apply_fused(y.clone(), x, PATHS, SIZES)
+    built = {id(a): a.kernel_blocks["+".join(PATHS)] for a in (first, second, third)}
+    rows = [third, None, first]
+    after = _row_adapter_batch(rows, torch.device("cpu"), cache, kernels)
+    assert after.grouped.stacks is not before.grouped.stacks  # another set
+    torch.testing.assert_close(after.apply_fused(y.clone(), x, PATHS, SIZES), reference(y, x, rows), rtol=1e-5, atol=1e-5)
+    for a in (first, third):
+        assert a.kernel_blocks["+".join(PATHS)] is built[id(a)]

@@ -145,17 +145,20 @@ void add_rms_norm(int B, int N, float *x, const float *delta, const float *weigh
 
 /* ---- Grouped LoRA for decode rows of several adapters ------------------------------------
  *
- * out[row, o0 + c] += sum_k u[row, r0 + k] * B_p[g(row)][k][c],  u[row] = x[row] @ A[g(row)]
+ * out[row, o0 + c] += sum_k u[row, r0 + k] * B_p,g[k][c],  u[row] = x[row] @ A_g   (g = row's adapter)
  *
  * A decode step with rows of G adapters reads every adapter's A and B once: memory bound
  * (8 rank-32 adapters of the default model are ~365 MB of float32 per step). Both halves
  * stream their weights in order and keep the row sums in vector registers:
- *   A [G, in, R] (R a multiple of 16): one unit per (adapter, 16-96 columns of u);
- *   B_p blocked [G, tiles, rank, 64] (each 64-column tile one contiguous run): one unit per
+ *   a[g] [in, a_cols[g]] (a multiple of 16): one unit per (adapter, up to 64 columns of u);
+ *   b[p * G + g] [tiles, rank, 64] (each 64-column tile one contiguous run): one unit per
  *   (part, adapter, tile); the rows of an adapter are done 4 at a time over a tile in L1.
- * Rows are listed adapter by adapter in `order` (offsets [G + 1]); `skip[g]` marks adapters
- * with nothing for these modules (base-model rows). Vector extensions: zmm with AVX-512,
- * pairs of ymm with AVX2. Returns 0, or -1 on arguments the caller should not have passed. */
+ * Each adapter's weights are their own tensors (best one run: A, then its B parts), so any
+ * set of adapters is a list of pointers (nothing is copied when the set changes); the
+ * second half goes adapter by adapter, so a thread streams each adapter's B in order. Rows are listed adapter by adapter in
+ * `order` (offsets [G + 1]); a NULL a[g] or b[p * G + g] (rank 0) adds nothing (base-model
+ * rows, modules an adapter lacks). Vector extensions: zmm with AVX-512, pairs of ymm with
+ * AVX2. Returns 0, or -1 on arguments the caller should not have passed. */
 typedef float v16 __attribute__((vector_size(64)));
 #define LG_ROWS 4
 #define LG_TILE 64
@@ -221,36 +224,38 @@ static void lg_up(int64_t rank, const float *const *urow, const float *tile, flo
 }
 
 int lora_grouped(int64_t n, int64_t in_dim, const float *x, int64_t groups, const int32_t *order,
-                 const int32_t *offsets, const int32_t *skip, const float *a, int64_t rank_total, float *u,
-                 int64_t parts, const int64_t *part_info, const float *const *b, float *out, int64_t ld_out,
-                 int nthreads) {
-    if (rank_total % 16 || offsets[0] != 0 || offsets[groups] != n) return -1;
+                 const int32_t *offsets, const float *const *a, const int64_t *a_cols, int64_t u_cols, float *u,
+                 int64_t parts, const int64_t *part_info, const float *const *b, const int64_t *b_r0,
+                 const int64_t *b_rank, float *out, int64_t ld_out, int nthreads) {
+    if (u_cols % 16 || offsets[0] != 0 || offsets[groups] != n) return -1;
     for (int64_t g = 0; g < groups; g++)
-        if (offsets[g + 1] < offsets[g]) return -1;
+        if (offsets[g + 1] < offsets[g] || (a[g] && (a_cols[g] % 16 || a_cols[g] > u_cols))) return -1;
     for (int64_t i = 0; i < n; i++)
         if (order[i] < 0 || order[i] >= n) return -1;
     for (int64_t p = 0; p < parts; p++) {
-        const int64_t *info = part_info + 4 * p; /* r0, rank, o0, width */
-        if (info[0] < 0 || info[1] < 0 || info[0] + info[1] > rank_total || info[2] < 0 || info[3] < 0 ||
-            info[2] + info[3] > ld_out)
-            return -1;
+        const int64_t o0 = part_info[2 * p], width = part_info[2 * p + 1];
+        if (o0 < 0 || width < 0 || o0 + width > ld_out) return -1;
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t pg = p * groups + g;
+            if (b[pg] && (!a[g] || b_r0[pg] < 0 || b_rank[pg] < 0 || b_r0[pg] + b_rank[pg] > a_cols[g])) return -1;
+        }
     }
     if (n == 0) return 0;
-    const int64_t chunks = (rank_total + 63) / 64; /* columns of u per unit: up to 4 vectors */
-    int64_t *ends = malloc(sizeof(int64_t) * (parts + 1));
+    const int64_t chunks = (u_cols + 63) / 64; /* columns of u per unit: up to 4 vectors */
+    int64_t *ends = malloc(sizeof(int64_t) * (parts + 1)); /* tiles of parts before p, for one adapter */
     if (!ends) return -1;
     ends[0] = 0;
-    for (int64_t p = 0; p < parts; p++) ends[p + 1] = ends[p] + groups * ((part_info[4 * p + 3] + LG_TILE - 1) / LG_TILE);
-    const int64_t down_units = groups * chunks, up_units = ends[parts];
+    for (int64_t p = 0; p < parts; p++) ends[p + 1] = ends[p] + (part_info[2 * p + 1] + LG_TILE - 1) / LG_TILE;
+    const int64_t down_units = groups * chunks, up_units = groups * ends[parts];
 
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t d = 0; d < down_units; d++) {
             const int64_t g = d / chunks, c0 = (d % chunks) * 64;
-            if (skip[g]) continue;
-            const int nv = (int)((rank_total - c0 < 64 ? rank_total - c0 : 64) / 16);
-            const float *ag = a + g * in_dim * rank_total + c0;
+            if (!a[g] || c0 >= a_cols[g]) continue;
+            const int nv = (int)((a_cols[g] - c0 < 64 ? a_cols[g] - c0 : 64) / 16);
+            const float *ag = a[g] + c0;
             for (int64_t s = offsets[g]; s < offsets[g + 1]; s += LG_ROWS) {
                 const int count = (int)(offsets[g + 1] - s < LG_ROWS ? offsets[g + 1] - s : LG_ROWS);
                 const float *xr[LG_ROWS];
@@ -258,36 +263,36 @@ int lora_grouped(int64_t n, int64_t in_dim, const float *x, int64_t groups, cons
                 for (int j = 0; j < LG_ROWS; j++) {
                     const int64_t row = order[s + (j < count ? j : 0)];
                     xr[j] = x + row * in_dim;
-                    ur[j] = u + row * rank_total + c0;
+                    ur[j] = u + row * u_cols + c0;
                 }
                 switch (nv) {
-                case 1: lg_down_1(in_dim, xr, ag, rank_total, ur, count); break;
-                case 2: lg_down_2(in_dim, xr, ag, rank_total, ur, count); break;
-                case 3: lg_down_3(in_dim, xr, ag, rank_total, ur, count); break;
-                default: lg_down_4(in_dim, xr, ag, rank_total, ur, count); break;
+                case 1: lg_down_1(in_dim, xr, ag, a_cols[g], ur, count); break;
+                case 2: lg_down_2(in_dim, xr, ag, a_cols[g], ur, count); break;
+                case 3: lg_down_3(in_dim, xr, ag, a_cols[g], ur, count); break;
+                default: lg_down_4(in_dim, xr, ag, a_cols[g], ur, count); break;
                 }
             }
         }
         /* implicit barrier: u is complete */
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < up_units; t++) {
+        for (int64_t t = 0; t < up_units; t++) { /* adapter by adapter: its parts' tiles in memory order */
+            const int64_t g = t / ends[parts], local = t % ends[parts];
             int64_t p = 0;
-            while (t >= ends[p + 1]) p++;
-            const int64_t *info = part_info + 4 * p;
-            const int64_t r0 = info[0], rank = info[1], o0 = info[2], width = info[3];
-            const int64_t tiles = (width + LG_TILE - 1) / LG_TILE, local = t - ends[p];
-            const int64_t g = local / tiles, tile = local % tiles;
-            if (skip[g] || rank == 0) continue;
+            while (local >= ends[p + 1]) p++;
+            const int64_t o0 = part_info[2 * p], width = part_info[2 * p + 1];
+            const int64_t tile = local - ends[p], pg = p * groups + g;
+            const int64_t rank = b_rank[pg];
+            if (!b[pg] || rank == 0) continue;
             const int64_t c0 = tile * LG_TILE;
             const int w = (int)(width - c0 < LG_TILE ? width - c0 : LG_TILE);
-            const float *bt = b[p] + (g * tiles + tile) * rank * LG_TILE;
+            const float *bt = b[pg] + tile * rank * LG_TILE;
             for (int64_t s = offsets[g]; s < offsets[g + 1]; s += LG_ROWS) {
                 const int count = (int)(offsets[g + 1] - s < LG_ROWS ? offsets[g + 1] - s : LG_ROWS);
                 const float *urow[LG_ROWS];
                 float *orow[LG_ROWS];
                 for (int j = 0; j < LG_ROWS; j++) {
                     const int64_t row = order[s + (j < count ? j : 0)];
-                    urow[j] = u + row * rank_total + r0;
+                    urow[j] = u + row * u_cols + b_r0[pg];
                     orow[j] = out + row * ld_out + o0 + c0;
                 }
                 lg_up(rank, urow, bt, orow, count, w);

@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class CpuKernels:
         self._rms.argtypes = [_i, _i, _p, _p, _p, _f, _p, _i]
         self._rms.restype = None
         self._lora = lib.lora_grouped
-        self._lora.argtypes = [_i64, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _i64, _p, _p, _p, _i64, _i]
+        self._lora.argtypes = [_i64, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _i64, _p, _p, _p, _p, _p, _i64, _i]
         self._lora.restype = _i
 
     @staticmethod
@@ -121,41 +122,96 @@ class CpuKernels:
         where each adapter's rows start in `order`; out [n, ≥ every part's output], in place."""
         self._check(x, out)
         n, in_dim = x.shape
-        groups = blocks.a.shape[0]
-        if (blocks.a.shape[1] != in_dim or out.dim() != 2 or out.shape[0] != n or out.shape[1] < blocks.out_width
-                or order.shape != (n,) or offsets.shape != (groups + 1,)
+        groups = blocks.groups
+        if (blocks.in_dim not in (None, in_dim) or out.dim() != 2 or out.shape[0] != n
+                or out.shape[1] < blocks.out_width or order.shape != (n,) or offsets.shape != (groups + 1,)
                 or any(t.dtype != torch.int32 or not t.is_contiguous() for t in (order, offsets))):
             raise ValueError("lora_grouped: shapes do not match")
-        u = torch.empty(n, blocks.a.shape[2])
-        status = self._lora(n, in_dim, x.data_ptr(), groups, order.data_ptr(), offsets.data_ptr(),
-                            blocks.skip.data_ptr(), blocks.a.data_ptr(), blocks.a.shape[2], u.data_ptr(),
-                            len(blocks.b), blocks.part_info.data_ptr(), blocks.pointers, out.data_ptr(), out.shape[1],
-                            torch.get_num_threads())
+        u = torch.empty(n, blocks.u_cols)
+        status = self._lora(n, in_dim, x.data_ptr(), groups, order.data_ptr(), offsets.data_ptr(), blocks.a_ptrs,
+                            blocks.a_cols.data_ptr(), blocks.u_cols, u.data_ptr(), blocks.parts,
+                            blocks.part_info.data_ptr(), blocks.b_ptrs, blocks.b_r0.data_ptr(), blocks.b_rank.data_ptr(),
+                            out.data_ptr(), out.shape[1], torch.get_num_threads())
         if status != 0:
             raise ValueError("lora_grouped: arguments rejected")
 
 
+@dataclass
+class AdapterBlocks:
+    """One adapter's LoRA weights for projections fused along their output (q/k/v, gate/up,
+    or one module), in the layout `lora_grouped` reads. Built once per adapter: any set of
+    adapters decoding together points at these, so a set that changes copies nothing.
+
+    a [in, R]: the A of every module present, side by side, R padded to a multiple of 16;
+    parts[p]: (rank from, rank, B [ceil(width / 64), rank, 64] with the scale folded in,
+    each 64-column tile one contiguous run), or None where the adapter lacks module p."""
+
+    a: torch.Tensor
+    parts: list[tuple[int, int, torch.Tensor] | None]
+
+    @classmethod
+    def build(cls, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], scale: float, paths: tuple[str, ...],
+              sizes: tuple[int, ...]) -> AdapterBlocks | None:
+        """From PEFT-shaped A [r, in] and B [out, r] per module path; None if no path is present."""
+        present = [path for path in paths if path in a]
+        if not present:
+            return None
+        ranks = [a[path].shape[0] if path in a else 0 for path in paths]
+        in_dim, cols = a[present[0]].shape[1], -(-sum(ranks) // 16) * 16
+        tiles = [-(-size // 64) for size in sizes]
+        # One allocation, in the order the kernel reads it: A, then each part's B tiles.
+        buffer = torch.zeros(in_dim * cols + sum(t * r * 64 for t, r in zip(tiles, ranks, strict=True)))
+        a_blocks = buffer[: in_dim * cols].view(in_dim, cols)
+        parts: list[tuple[int, int, torch.Tensor] | None] = []
+        r0, at = 0, in_dim * cols
+        for path, size, rank, count in zip(paths, sizes, ranks, tiles, strict=True):
+            if not rank:
+                parts.append(None)
+                continue
+            a_blocks[:, r0 : r0 + rank] = a[path].t().float()
+            padded = torch.zeros(count * 64, rank)
+            padded[:size] = b[path].float() * scale
+            tiled = buffer[at : at + count * rank * 64].view(count, rank, 64)
+            tiled.copy_(padded.view(count, 64, rank).transpose(1, 2))
+            parts.append((r0, rank, tiled))
+            r0, at = r0 + rank, at + count * rank * 64
+        return cls(a_blocks, parts)
+
+
 class LoraBlocks:
-    """Several adapters' LoRA weights for a group of projections fused along their output,
-    in the layout `lora_grouped` reads (checked once, here).
+    """The adapters of one decode step, for one fused projection: pointers to each adapter's
+    `AdapterBlocks` (None: no update, e.g. base-model rows), checked once, here."""
 
-    a [G, in, R]: every part's A side by side, R padded to a multiple of 16 with zeros;
-    b[p] [G, ceil(width / 64), rank, 64]: part p's B (scale folded in), each 64-column
-    tile one contiguous run; part_info int64 [P, 4]: (rank from, rank, output from, width);
-    skip int32 [G]: 1 for an adapter with no update for these modules."""
-
-    def __init__(self, a: torch.Tensor, b: list[torch.Tensor], part_info: torch.Tensor, skip: torch.Tensor):
-        CpuKernels._check(a, *b)
-        groups, _, rank_total = a.shape
-        info = part_info.tolist()
-        if (a.dim() != 3 or rank_total % 16 or part_info.dtype != torch.int64 or part_info.shape != (len(b), 4)
-                or not part_info.is_contiguous() or skip.dtype != torch.int32 or skip.shape != (groups,)
-                or any(bp.dim() != 4 or bp.shape[0] != groups or bp.shape[2:] != (rank, 64) or bp.shape[1] * 64 < width
-                       or r0 + rank > rank_total for bp, (r0, rank, _, width) in zip(b, info, strict=True))):
-            raise ValueError("LoraBlocks: shapes do not match")
-        self.a, self.b, self.part_info, self.skip = a, b, part_info, skip
-        self.out_width = max((o0 + width for _, _, o0, width in info), default=0)
-        self.pointers = (ctypes.c_void_p * max(len(b), 1))(*[bp.data_ptr() for bp in b])
+    def __init__(self, adapters: list[AdapterBlocks | None], sizes: tuple[int, ...]):
+        groups, parts = len(adapters), len(sizes)
+        present = [blk for blk in adapters if blk is not None]
+        CpuKernels._check(*[blk.a for blk in present], *[part[2] for blk in present for part in blk.parts if part])
+        in_dims = {blk.a.shape[0] for blk in present}
+        if len(in_dims) > 1 or any(blk.a.shape[1] % 16 or len(blk.parts) != parts for blk in present):
+            raise ValueError("LoraBlocks: the adapters' shapes do not match")
+        b_ptrs, b_r0, b_rank = [0] * (parts * groups), [0] * (parts * groups), [0] * (parts * groups)
+        for g, blk in enumerate(adapters):
+            for p, part in enumerate(blk.parts if blk is not None else []):
+                if part is None:
+                    continue
+                r0, rank, tiled = part
+                if tiled.shape != (-(-sizes[p] // 64), rank, 64) or r0 + rank > blk.a.shape[1]:
+                    raise ValueError("LoraBlocks: a B block does not match its module")
+                b_ptrs[p * groups + g], b_r0[p * groups + g], b_rank[p * groups + g] = tiled.data_ptr(), r0, rank
+        self.adapters = adapters  # keeps the tensors behind the pointers alive
+        self.groups, self.parts = groups, parts
+        self.in_dim = next(iter(in_dims)) if in_dims else None
+        self.a_ptrs = (ctypes.c_void_p * max(groups, 1))(*[blk.a.data_ptr() if blk else None for blk in adapters])
+        self.a_cols = torch.tensor([blk.a.shape[1] if blk else 0 for blk in adapters], dtype=torch.int64)
+        self.u_cols = int(self.a_cols.max()) if groups else 0
+        self.b_ptrs = (ctypes.c_void_p * max(parts * groups, 1))(*[ptr or None for ptr in b_ptrs])
+        self.b_r0 = torch.tensor(b_r0, dtype=torch.int64)
+        self.b_rank = torch.tensor(b_rank, dtype=torch.int64)
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        self.part_info = torch.tensor([(o0, size) for o0, size in zip(offsets[:-1], sizes, strict=True)], dtype=torch.int64).reshape(-1, 2)
+        self.out_width = offsets[-1]
 
 
 @cache

@@ -106,6 +106,9 @@ class LoraWeights:
     a: dict[str, torch.Tensor]
     b: dict[str, torch.Tensor]
     scale: float
+    # Decode-kernel copies of the weights (`_adapter_blocks`), for adapters that only serve
+    # sampling (their weights never change once loaded).
+    kernel_blocks: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -246,39 +249,22 @@ class LoraStacks:
 
 
     def get_blocks(self, paths: tuple[str, ...], sizes: tuple[int, ...]) -> cpu_kernels.LoraBlocks | None:
-        """The same weights as `get_fused`, in the layout of the C kernel `lora_grouped`
-        (float32; built from the adapters directly, so no second copy of the plain stacks)."""
+        """The same weights as `get_fused`, for the C kernel `lora_grouped`: pointers to each
+        adapter's own blocks (`_adapter_blocks`), so no stacked copy is made for this set."""
         key = "+".join(paths)
         if key not in self._blocks:
-            ranks = [max((a.a[path].shape[0] for a in self.adapters if a is not None and path in a.a), default=0)
-                     for path in paths]
-            if not any(ranks):
-                self._blocks[key] = None
-            else:
-                groups = len(self.adapters)
-                ref = next(a for a in self.adapters if a is not None and any(p in a.a for p in paths))
-                in_dim = next(ref.a[p].shape[1] for p in paths if p in ref.a)
-                rank_total = -(-sum(ranks) // 16) * 16
-                a_blocks = torch.zeros(groups, in_dim, rank_total)
-                b_blocks, info = [], []
-                r0 = o0 = 0
-                for path, size, rank in zip(paths, sizes, ranks, strict=True):
-                    if rank:
-                        tiles = -(-size // 64)
-                        blocks = torch.zeros(groups, tiles * 64, rank)  # filled as [out, r], then tiled
-                        for g, adapter in enumerate(self.adapters):
-                            if adapter is not None and path in adapter.a:
-                                r = adapter.a[path].shape[0]
-                                a_blocks[g, :, r0 : r0 + r] = adapter.a[path].t().float()
-                                blocks[g, :size, :r] = adapter.b[path].float() * adapter.scale
-                        b_blocks.append(blocks.view(groups, tiles, 64, rank).transpose(2, 3).contiguous())
-                        info.append((r0, rank, o0, size))
-                        r0 += rank
-                    o0 += size
-                skip = [int(a is None or not any(p in a.a for p in paths)) for a in self.adapters]
-                self._blocks[key] = cpu_kernels.LoraBlocks(
-                    a_blocks, b_blocks, torch.tensor(info, dtype=torch.int64), torch.tensor(skip, dtype=torch.int32))
+            per_adapter = [_adapter_blocks(a, paths, sizes) if a is not None else None for a in self.adapters]
+            self._blocks[key] = cpu_kernels.LoraBlocks(per_adapter, sizes) if any(per_adapter) else None
         return self._blocks[key]
+
+
+def _adapter_blocks(adapter: LoraWeights, paths: tuple[str, ...], sizes: tuple[int, ...]) -> cpu_kernels.AdapterBlocks | None:
+    """An adapter's weights in the C kernel's layout, built on first use and kept with the
+    adapter (a sampler checkpoint's weights never change), whatever set it decodes in."""
+    key = "+".join(paths)
+    if key not in adapter.kernel_blocks:
+        adapter.kernel_blocks[key] = cpu_kernels.AdapterBlocks.build(adapter.a, adapter.b, adapter.scale, paths, sizes)
+    return adapter.kernel_blocks[key]
 
 
 @dataclass
