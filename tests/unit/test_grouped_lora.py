@@ -4,13 +4,11 @@ modules (PEFT adapters on q and v only) and adapters of different ranks."""
 
 from __future__ import annotations
 
-import shutil
 from collections import OrderedDict
 
 import pytest
 import torch
 
-from tinkerd.engine import cpu_kernels
 from tinkerd.engine.engine import _row_adapter_batch
 from tinkerd.engine.model import LoraStacks, LoraWeights
 
@@ -27,16 +25,6 @@ def adapter(seed: int, rank: int, paths: tuple[str, ...]) -> LoraWeights:
         b={p: torch.randn(outs[p], rank, generator=gen) for p in paths},
         scale=0.5 + seed,
     )
-
-
-@pytest.fixture
-def c_kernels():
-    """The float32 CPU kernels (where a C compiler can build them)."""
-    if shutil.which("gcc") is None and shutil.which("cc") is None:
-        pytest.skip("no C compiler on this machine: the torch path serves decode steps")
-    loaded = cpu_kernels.load()
-    assert loaded is not None, "a C compiler is present, so the kernels must build and load"
-    return loaded
 
 
 @pytest.fixture(params=["torch", "C kernel"])

@@ -155,9 +155,9 @@ void add_rms_norm(int B, int N, float *x, const float *delta, const float *weigh
  *   (part, adapter, tile); the rows of an adapter are done 4 at a time over a tile in L1.
  * Each adapter's weights are their own tensors (best one run: A, then its B parts), so any
  * set of adapters is a list of pointers (nothing is copied when the set changes); the
- * second half goes adapter by adapter, so a thread streams each adapter's B in order. Rows are listed adapter by adapter in
- * `order` (offsets [G + 1]); a NULL a[g] or b[p * G + g] (rank 0) adds nothing (base-model
- * rows, modules an adapter lacks). Vector extensions: zmm with AVX-512, pairs of ymm with
+ * second half goes adapter by adapter, so a thread streams each adapter's B in order.
+ * Rows are listed adapter by adapter in `order` (offsets [G + 1]); a NULL a[g] or
+ * b[p * G + g] (rank 0) adds nothing (base-model rows, modules an adapter lacks). Vector extensions: zmm with AVX-512, pairs of ymm with
  * AVX2. Returns 0, or -1 on arguments the caller should not have passed. */
 typedef float v16 __attribute__((vector_size(64)));
 #define LG_ROWS 4

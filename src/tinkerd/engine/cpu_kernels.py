@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -113,7 +114,6 @@ class CpuKernels:
                   weight.data_ptr(), eps, out.data_ptr(), torch.get_num_threads())
         return out
 
-
     def lora_grouped(self, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, blocks: LoraBlocks,
                      out: torch.Tensor) -> None:
         """out[row] += that row's adapter update, for rows of several adapters (cpu_kernels.c).
@@ -207,11 +207,9 @@ class LoraBlocks:
         self.b_ptrs = (ctypes.c_void_p * max(parts * groups, 1))(*[ptr or None for ptr in b_ptrs])
         self.b_r0 = torch.tensor(b_r0, dtype=torch.int64)
         self.b_rank = torch.tensor(b_rank, dtype=torch.int64)
-        offsets = [0]
-        for size in sizes:
-            offsets.append(offsets[-1] + size)
-        self.part_info = torch.tensor([(o0, size) for o0, size in zip(offsets[:-1], sizes, strict=True)], dtype=torch.int64).reshape(-1, 2)
-        self.out_width = offsets[-1]
+        starts = [0, *itertools.accumulate(sizes)]  # each part's first output column
+        self.part_info = torch.tensor(list(zip(starts[:-1], sizes, strict=True)), dtype=torch.int64).reshape(-1, 2)
+        self.out_width = starts[-1]
 
 
 @cache

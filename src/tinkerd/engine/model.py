@@ -140,12 +140,8 @@ class AdapterBatch:
             # Training: every segment's update added into the projection's output in place
             # by one autograd function (no per-segment copies and concatenation, whose
             # forward and backward cost ~7 % of a pass of 4 adapters).
-            live = [seg for seg in self.segments if seg.adapter is not None and path in seg.adapter.a]
-            if not live:
-                return y
-            weights = [w for seg in live for w in (seg.adapter.a[path].to(x.dtype), seg.adapter.b[path].to(x.dtype))]
-            bounds = tuple((seg.start, seg.end) for seg in live)
-            return _SegmentedLora.apply(y, x, bounds, tuple(seg.adapter.scale for seg in live), *weights)
+            bounds, scales, weights = self._updates(path, x.dtype)
+            return _SegmentedLora.apply(y, x, bounds, scales, *weights) if bounds else y
         if len(self.segments) == 1:
             adapter = self.segments[0].adapter
             if adapter is None or path not in adapter.a:
@@ -161,20 +157,18 @@ class AdapterBatch:
             parts.append(ys)
         return torch.cat(parts, dim=0)
 
+    def _updates(self, path: str, dtype: torch.dtype) -> tuple[tuple, tuple, list[torch.Tensor]]:
+        """The segments with an update for `path`: their (start, end) rows, scales, and
+        weights a_0, b_0, a_1, b_1, ... in `dtype`."""
+        live = [seg for seg in self.segments if seg.adapter is not None and path in seg.adapter.a]
+        weights = [w for seg in live for w in (seg.adapter.a[path].to(dtype), seg.adapter.b[path].to(dtype))]
+        return tuple((seg.start, seg.end) for seg in live), tuple(seg.adapter.scale for seg in live), weights
+
     def _add_in_place(self, y: torch.Tensor, x: torch.Tensor, path: str) -> None:
         """Without autograd (prefill, scoring): y[rows of each segment] += its adapter's update,
         in place, one addmm per segment (no scaled copy, no sum, no concatenation). y is a
         contiguous output or a column slice of one (its rows form one 2-D view)."""
-        y2 = y.view(-1, y.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1])
-        per_row = y2.shape[0] // y.shape[0] if y.dim() > 2 else 1  # tokens per batch row
-        for seg in self.segments:
-            adapter = seg.adapter
-            if adapter is None or path not in adapter.a:
-                continue
-            r0, r1 = seg.start * per_row, seg.end * per_row
-            a, b = adapter.a[path].to(x.dtype), adapter.b[path].to(x.dtype)
-            y2[r0:r1].addmm_(x2[r0:r1] @ a.t(), b.t(), alpha=adapter.scale)
+        _add_segments(y, x, *self._updates(path, x.dtype))
 
     def apply_fused(self, y: torch.Tensor, x: torch.Tensor, paths: tuple[str, ...], sizes: tuple[int, ...]) -> torch.Tensor:
         """y, the output of several projections fused along the last dim (sizes), plus each
@@ -367,16 +361,10 @@ class _SegmentedLora(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, x, bounds, scales, *weights):  # noqa: ANN001, ANN205 - autograd signature
-        y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
-        per_row = y2.shape[0] // y.shape[0]  # tokens per batch row
-        us = []
-        for (start, end), scale, a, b in zip(bounds, scales, weights[0::2], weights[1::2], strict=True):
-            u = x2[start * per_row : end * per_row] @ a.t()
-            y2[start * per_row : end * per_row].addmm_(u, b.t(), alpha=scale)
-            us.append(u)
+        us = _add_segments(y, x, bounds, scales, weights)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x, *weights, *us)
-        ctx.bounds, ctx.scales, ctx.per_row = bounds, scales, per_row
+        ctx.bounds, ctx.scales, ctx.per_row = bounds, scales, math.prod(y.shape[1:-1])  # tokens per batch row
         return y
 
     @staticmethod
@@ -400,6 +388,20 @@ class _SegmentedLora(torch.autograd.Function):
             grad_weights.append(gu.t() @ x2[rows] if ctx.needs_input_grad[4 + 2 * i] else None)
             grad_weights.append((g.t() @ u).mul_(scale) if ctx.needs_input_grad[5 + 2 * i] else None)
         return grad, None if grad_x is None else grad_x.view_as(x), None, None, *grad_weights
+
+
+def _add_segments(y: torch.Tensor, x: torch.Tensor, bounds: tuple, scales: tuple, weights: list | tuple) -> list[torch.Tensor]:
+    """y[rows start..end of each segment] += scale · (x Aᵀ) Bᵀ, in place, one addmm each;
+    weights a_0, b_0, a_1, b_1, ... Returns each segment's x Aᵀ. y [B, ..., out] is contiguous
+    or a column slice of a contiguous output (its rows form one 2-D view); x [B, ..., in]."""
+    y2, x2 = y.view(-1, y.shape[-1]), x.reshape(-1, x.shape[-1])
+    per_row = math.prod(y.shape[1:-1])  # tokens per batch row
+    us = []
+    for (start, end), scale, a, b in zip(bounds, scales, weights[0::2], weights[1::2], strict=True):
+        u = x2[start * per_row : end * per_row] @ a.t()
+        y2[start * per_row : end * per_row].addmm_(u, b.t(), alpha=scale)
+        us.append(u)
+    return us
 
 
 def _lora_delta(x: torch.Tensor, adapter: LoraWeights, path: str) -> torch.Tensor:
