@@ -257,10 +257,10 @@ class Context:
         """tinkerd's engine in this process (no HTTP, no SDK): a reference that separates the
         engine's own speed from the serving path's overhead. Started on first use."""
         if self._engine is None:
-            from tinkerd.engine.engine import Engine
+            from tinkerd.engine.client import InProcessEngine
 
             log("loading tinkerd's engine in-process")
-            self._engine = Engine("bench", self.model_dir)
+            self._engine = InProcessEngine("bench", self.model_dir)
         return self._engine
 
     def on_torch_thread(self, fn: Any, *args: Any) -> Any:
@@ -268,7 +268,7 @@ class Context:
         torch work: a second thread running parallel torch ops makes a second OpenMP team, and
         with two teams on a small machine every small parallel op of both slows down several
         times (README, "one thread"). The in-process baselines run here for that reason."""
-        return self.engine().submit(fn, *args).result()
+        return self.engine().run_on_engine_thread(fn, *args).result()
 
     def service_client(self) -> Any:
         import tinker

@@ -63,69 +63,70 @@ def main() -> None:
     ap.add_argument("--sample-tokens", type=int, default=64)
     args = ap.parse_args()
 
-    from tinkerd.engine.engine import Engine
-    from tinkerd.engine.types import AdamParams, Datum, LoraSpec, SampleRequest, SamplingParams
+    from tinkerd.engine.client import InProcessEngine
+    from tinkerd.types import AdamParams, AdapterRef, Datum, ForwardBackwardCall, LoraSpec, SampleRequest, SamplingParams
 
     model_dir = Path(args.model_dir)
     if args.random_init and not list(model_dir.glob("*.safetensors")):
         random_weights(model_dir)
     t0 = time.time()
-    engine = Engine("bench", model_dir, device=args.device)
+    engine = InProcessEngine("bench", model_dir, device=args.device)
     load_s = time.time() - t0
-    device = engine.device
-    results: dict = {"device": str(device), "dtype": str(engine.dtype), "load_s": load_s, "machine": platform.node()}
+    device = engine.model.device
+    vocab_size = engine.info.vocab_size
+    results: dict = {"device": str(device), "dtype": str(engine.model.dtype), "load_s": load_s, "machine": platform.node()}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(0)
 
-    def run(fn, *a):
-        return engine.submit(fn, *a).result()
+    def forward_backward(datums: list, forward_only: bool = False):
+        return engine.forward_backward(ForwardBackwardCall("a", datums, "cross_entropy", {}, forward_only)).result()
 
     # Correctness: a repeated sequence is memorised (loss falls), decode agrees with a full pass.
-    run(engine.create_adapter, "a", LoraSpec(rank=16, seed=0))
+    engine.create_adapter("a", LoraSpec(rank=16, seed=0)).result()
     rng = np.random.default_rng(0)
-    seq = rng.integers(3, engine.vocab_size, size=65)
+    seq = rng.integers(3, vocab_size, size=65)
     datum = Datum(tokens=seq[:-1], inputs={"target_tokens": seq[1:], "weights": np.ones(64, np.float32)})
     losses = []
     for _ in range(15):
-        out = run(engine.forward_backward, "a", [datum], "cross_entropy", {}, False)
-        run(engine.optim_step, "a", AdamParams(learning_rate=1e-2))
+        out = forward_backward([datum])
+        engine.optim_step("a", AdamParams(learning_rate=1e-2)).result()
         losses.append(out.metrics["loss:sum"] / 64)
     results["memorise_loss_first_last"] = [losses[0], losses[-1]]
     save_dir = Path("/tmp/engine_smoke_ckpt")
-    run(engine.save_adapter, "a", save_dir, True, "ckpt-a")
-    from tinkerd.engine.types import AdapterRef
+    engine.save_adapter("a", str(save_dir), True, "ckpt-a").result()
 
     prompt = seq[:16].tolist()
     res = engine.sample(SampleRequest(prompt=prompt, num_samples=2, params=SamplingParams(max_tokens=24, temperature=1.0, seed=1),
-                                      adapter=AdapterRef("ckpt-a", save_dir))).result()
+                                      adapter=AdapterRef("ckpt-a", str(save_dir)))).result()
     sampled = res.sequences[0]
     full = np.array(prompt + sampled.tokens)
-    fwd = run(engine.forward_backward, "a", [Datum(tokens=full[:-1], inputs={"target_tokens": full[1:], "weights": np.zeros(len(full) - 1, np.float32)})], "cross_entropy", {}, True)
+    fwd = forward_backward([Datum(tokens=full[:-1], inputs={"target_tokens": full[1:], "weights": np.zeros(len(full) - 1, np.float32)})],
+                           forward_only=True)
     n = len(sampled.tokens)
     gap = float(np.max(np.abs(fwd.outputs[0]["logprobs"][-n:] - np.array(sampled.logprobs))))
     results["sampled_vs_forward_logprob_max_abs_diff"] = gap
     again = engine.sample(SampleRequest(prompt=prompt, num_samples=2, params=SamplingParams(max_tokens=24, temperature=1.0, seed=1),
-                                        adapter=AdapterRef("ckpt-a", save_dir))).result()
+                                        adapter=AdapterRef("ckpt-a", str(save_dir)))).result()
     results["seed_deterministic"] = [s.tokens for s in again.sequences] == [s.tokens for s in res.sequences]
 
     # Throughput: training tokens/s (fwd/bwd + step).
-    data = [Datum(tokens=rng.integers(3, engine.vocab_size, args.train_len), inputs={
-        "target_tokens": rng.integers(3, engine.vocab_size, args.train_len), "weights": np.ones(args.train_len, np.float32)})
+    data = [Datum(tokens=rng.integers(3, vocab_size, args.train_len), inputs={
+        "target_tokens": rng.integers(3, vocab_size, args.train_len), "weights": np.ones(args.train_len, np.float32)})
         for _ in range(args.train_batch)]
-    run(engine.forward_backward, "a", data, "cross_entropy", {}, False)
-    run(engine.optim_step, "a", AdamParams())
+    forward_backward(data)
+    engine.optim_step("a", AdamParams()).result()
     sync(device)
     t = time.time()
     steps = 3
     for _ in range(steps):
-        run(engine.forward_backward, "a", data, "cross_entropy", {}, False)
-        run(engine.optim_step, "a", AdamParams())
+        forward_backward(data)
+        engine.optim_step("a", AdamParams()).result()
     sync(device)
     results["train_tokens_per_s"] = steps * args.train_batch * args.train_len / (time.time() - t)
 
     # Sampling: one stream, then a concurrent batch.
     def sample_many(k: int, tokens: int) -> float:
-        reqs = [SampleRequest(prompt=rng.integers(3, engine.vocab_size, 32).tolist(), num_samples=1,
+        reqs = [SampleRequest(prompt=rng.integers(3, vocab_size, 32).tolist(), num_samples=1,
                               params=SamplingParams(max_tokens=tokens, temperature=1.0, seed=i, ignore_eos=True)) for i in range(k)]
         t = time.time()
         futures = [engine.sample(r) for r in reqs]

@@ -43,7 +43,7 @@ def sdk_sample_concurrently(clients: list, prompts: list[list[int]], new_tokens:
 
 def engine_sample_concurrently(engine, prompts: list[list[int]], new_tokens: int, seed: int = 0) -> tuple[int, float]:
     """Reference: the same load straight into tinkerd's engine in this process (no HTTP, no SDK)."""
-    from tinkerd.engine.types import SampleRequest, SamplingParams
+    from tinkerd.types import SampleRequest, SamplingParams
 
     requests = [SampleRequest(prompt=p, num_samples=1, params=SamplingParams(max_tokens=new_tokens, temperature=1.0,
                                                                           seed=seed + i, ignore_eos=True))

@@ -83,12 +83,12 @@ class EngineTrainer:
     """Reference: tinkerd's engine driven in this process, without the server or the SDK."""
 
     def __init__(self, ctx: Context, sequences: list[list[int]]):
-        from tinkerd.engine.types import AdamParams, Datum, LoraSpec
+        from tinkerd.types import AdamParams, Datum, LoraSpec
 
         self.engine = ctx.engine()
         self.adapter_id = "bench-train-throughput"
         self.adam = AdamParams(learning_rate=LEARNING_RATE)
-        self.engine.submit(self.engine.create_adapter, self.adapter_id, LoraSpec(rank=RANK, train_unembed=False, seed=0)).result()
+        self.engine.create_adapter(self.adapter_id, LoraSpec(rank=RANK, train_unembed=False, seed=0)).result()
         self.datums = [
             Datum(tokens=np.array(seq[:-1], dtype=np.int64),
                   inputs={"target_tokens": np.array(seq[1:], dtype=np.int64), "weights": np.ones(len(seq) - 1, np.float32)})
@@ -96,15 +96,17 @@ class EngineTrainer:
         ]
 
     def step(self) -> float:
+        from tinkerd.types import ForwardBackwardCall
+
         engine = self.engine
-        fb = engine.submit(engine.forward_backward, self.adapter_id, self.datums, "cross_entropy", {}, False)
-        opt = engine.submit(engine.optim_step, self.adapter_id, self.adam)
+        fb = engine.forward_backward(ForwardBackwardCall(self.adapter_id, self.datums, "cross_entropy", {}, False))
+        opt = engine.optim_step(self.adapter_id, self.adam)
         loss = fb.result().metrics["loss:sum"]
         opt.result()
         return loss
 
     def close(self) -> None:
-        self.engine.submit(self.engine.drop_adapter, self.adapter_id).result()
+        self.engine.drop_adapter(self.adapter_id).result()
 
 
 class PeftTrainer:

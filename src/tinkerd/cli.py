@@ -16,7 +16,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from tinkerd.api.app import create_app
     from tinkerd.core.service import Service
-    from tinkerd.engine.engine import Engine
+    from tinkerd.engine.client import InProcessEngine
     from tinkerd.model_store import resolve_model, seed_hf_cache
 
     data_dir = Path(args.data_dir).expanduser()
@@ -27,7 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.seed_hf_cache:
             seed_hf_cache(source)
         logging.info("loading %s from %s", source.name, source.path)
-        engines[source.name] = Engine(source.name, source.path, device=args.device)
+        engines[source.name] = InProcessEngine(source.name, source.path, device=args.device)
     service = Service(data_dir, engines, session_timeout=args.session_timeout)
     keys = set(args.api_key) if args.api_key else None
     app = create_app(service, hold_seconds=args.long_poll_seconds, api_keys=keys)

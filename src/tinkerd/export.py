@@ -14,32 +14,29 @@ they work while the server runs.
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from tinkerd.core.db import CheckpointRow, RunRow, SessionRow, open_database
+from tinkerd.core.paths import TinkerPath, check_checkpoint_name
 from tinkerd.core.registry import Registry
-from tinkerd.core.service import _NAME_RE, BadRequest, NotFound, TinkerPath
-from tinkerd.engine.lora_io import read_checkpoint_dir, write_checkpoint_dir
 from tinkerd.engine.model import ATTN_MODULES, MLP_MODULES, LoraWeights, ModelConfig, init_lora, lora_module_paths
+from tinkerd.engine.peft_io import read_checkpoint_dir, write_checkpoint_dir
 from tinkerd.model_store import ModelSource, resolve_model
+from tinkerd.types import UserError
 
-_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_]+)?\.weight$")
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
 )
 
 
-class AdapterError(ValueError):
+class AdapterError(UserError):
     """The command cannot do what was asked; the message says why."""
 
 
@@ -64,8 +61,8 @@ def find_checkpoint(checkpoint: str, data_dir: Path) -> Checkpoint:
         try:
             path = TinkerPath.parse(checkpoint)
             row = registry.checkpoint(path)
-            base_model = registry.run(row.run_id).run.base_model
-        except (BadRequest, NotFound) as exc:
+            base_model = registry.run_row(row.run_id).base_model
+        except UserError as exc:
             raise AdapterError(f"{exc} (in {data_dir})") from None
         return Checkpoint(Path(row.directory), base_model, checkpoint)
     directory = Path(checkpoint).expanduser()
@@ -149,47 +146,16 @@ def export_merged(
 # -- import adapter ------------------------------------------------------------------------
 
 
-def read_peft_adapter(peft_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(adapter_config, A by module path, B by module path), validated as plain LoRA."""
-    config_file = peft_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterError(f"{peft_dir} has no adapter_config.json: not a PEFT adapter directory")
-    config = json.loads(config_file.read_text())
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise AdapterError(f"only LoRA adapters can be imported, this one is {config.get('peft_type')}")
-    unsupported = [
-        what for what, bad in (
-            ("use_dora", config.get("use_dora")),
-            ("rank_pattern", config.get("rank_pattern")),
-            ("alpha_pattern", config.get("alpha_pattern")),
-            ("modules_to_save", config.get("modules_to_save")),
-            ("bias", config.get("bias", "none") not in (None, "none")),
-        ) if bad
-    ]
-    if unsupported:
-        raise AdapterError(f"adapter settings that tinkerd's LoRA does not have: {', '.join(unsupported)}")
-    if (peft_dir / "adapter_model.safetensors").is_file():
-        tensors = load_file(str(peft_dir / "adapter_model.safetensors"))
-    elif (peft_dir / "adapter_model.bin").is_file():
-        tensors = torch.load(peft_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise AdapterError(f"{peft_dir} has no adapter_model.safetensors (or .bin)")
-    a: dict[str, torch.Tensor] = {}
-    b: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        match = _PEFT_KEY.match(key)
-        if match is None:
-            raise AdapterError(f"unsupported tensor {key!r}: only lora_A / lora_B weights of linear layers can be imported")
-        (a if match["which"] == "A" else b)[match["path"]] = tensor.detach().float().contiguous()
-    if not a or set(a) != set(b):
-        raise AdapterError("the adapter needs matching lora_A and lora_B weights for every module")
-    return config, a, b
-
-
 def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, name: str | None = None) -> str:
     """Copy a PEFT LoRA into the data dir as a training checkpoint; returns its tinker:// path."""
     peft_dir = peft_dir.expanduser()
-    config, a, b = read_peft_adapter(peft_dir)
+    if not (peft_dir / "adapter_config.json").is_file():
+        raise AdapterError(f"{peft_dir} has no adapter_config.json: not a PEFT adapter directory")
+    try:
+        config, lora = read_checkpoint_dir(peft_dir, torch.device("cpu"))
+    except UserError as exc:
+        raise AdapterError(str(exc)) from None
+    a, b = lora.a, lora.b
     db = _database(data_dir)
     base = _base_model(model, config.get("base_model_name_or_path"), data_dir)
     cfg = ModelConfig.from_hf(json.loads((base.path / "config.json").read_text()))
@@ -205,9 +171,7 @@ def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, nam
                 f"{path}: lora_A {tuple(a[path].shape)} / lora_B {tuple(b[path].shape)} do not fit {base.name} "
                 f"with r={rank} (expected {(rank, in_features)} / {(out_features, rank)}): is this adapter for another model?"
             )
-    alpha = float(config.get("lora_alpha", rank))
-    if config.get("use_rslora"):
-        alpha *= math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r); ours is alpha/r
+    alpha = lora.scale * rank  # tinkerd's LoRA scales by alpha/r (an rsLoRA adapter's alpha/sqrt(r) becomes this)
     train_attn = any(p.rsplit(".", 1)[-1] in ATTN_MODULES for p in a)
     train_mlp = any(p.rsplit(".", 1)[-1] in MLP_MODULES for p in a)
     train_unembed = "lm_head" in a
@@ -219,8 +183,10 @@ def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, nam
     weights = LoraWeights(a={**fresh.a, **a}, b={**fresh.b, **b}, scale=alpha / rank)
 
     checkpoint_name = name or "imported"
-    if not _NAME_RE.match(checkpoint_name):
-        raise AdapterError(f"invalid checkpoint name {checkpoint_name!r}: use letters, digits, '.', '_' or '-'")
+    try:
+        check_checkpoint_name(checkpoint_name)
+    except UserError as exc:
+        raise AdapterError(str(exc)) from None
     session_id = f"import-{uuid.uuid4().hex[:16]}"
     run_id = f"{session_id}:train:0"
     path = TinkerPath(run_id, "weights", checkpoint_name)

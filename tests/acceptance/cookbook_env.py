@@ -2,7 +2,7 @@
 
 tinker-cookbook 0.6.1 cannot be installed the ordinary way here: it requires
 `tml-renderers`, which the reachable package index lacks and which only Inkling / Kimi-K3
-models import. So, following spec/cookbook-acceptance.md, we install a CPU torch first (pip
+models import. So, as docs/cookbook.md §1.1 explains, we install a CPU torch first (pip
 takes it from the local wheel directory), then the cookbook's other declared dependencies,
 then the cookbook itself with `--no-deps`, then what `math_rl` needs.
 

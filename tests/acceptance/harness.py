@@ -84,7 +84,7 @@ class RecipeRun:
 def matmul_gflops(seconds: float = 1.0) -> float:
     """fp32 GFLOP/s of this machine right now, at SmolLM2's MLP shape (512x576 @ 576x1536).
 
-    design.md gives ~165 on a quiet 2-core box; other work on the machine lowers it.
+    docs/engine.md §9 gives ~165 on a quiet 2-core box; other work on the machine lowers it.
     Recorded beside each run's step times so timings from busy and quiet runs compare.
     """
     import torch

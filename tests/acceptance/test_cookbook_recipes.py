@@ -1,8 +1,8 @@
-"""tinker-cookbook 0.6.1 recipes, unmodified, against a real tinkerd (issue 6, acceptance).
+"""tinker-cookbook 0.6.1 recipes, unmodified, against a real tinkerd (the acceptance tier).
 
 Each test runs one recipe as a subprocess in the cookbook's own venv and judges it by what
 the recipe itself writes: its exit code, `metrics.jsonl` and `checkpoints.jsonl`.
-Commands follow spec/cookbook-acceptance.md. Seconds per step go to
+docs/cookbook.md §2 describes each scenario. Seconds per step go to
 bench/results/cookbook_acceptance.json.
 """
 

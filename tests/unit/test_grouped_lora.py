@@ -9,8 +9,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from tinkerd.engine.engine import _row_adapter_batch
 from tinkerd.engine.model import LoraStacks, LoraWeights
+from tinkerd.engine.sampler import row_adapter_batch
 
 IN = 16
 SIZES = (12, 4, 4)  # q, k, v outputs fused into one projection
@@ -67,7 +67,7 @@ def test_each_row_gets_its_own_adapters_update(layout, kernels):
     }[layout]
     x = torch.randn(len(rows), IN)
     y = torch.randn(len(rows), sum(SIZES))
-    batch = _row_adapter_batch(rows, torch.device("cpu"), OrderedDict(), kernels)
+    batch = row_adapter_batch(rows, torch.device("cpu"), OrderedDict(), kernels)
     assert (batch.grouped.kernels is not None) == (kernels is not None)
     got = batch.apply_fused(y.clone(), x, PATHS, SIZES)
     torch.testing.assert_close(got, reference(y, x, rows), rtol=1e-5, atol=1e-5)
@@ -111,9 +111,9 @@ def test_the_same_adapters_in_another_row_order_reuse_their_stacks(kernels):
     that leaves and joins again) reuse them instead of copying every adapter's weights again."""
     first, second = adapter(1, 4, PATHS), adapter(2, 2, ("q", "v"))
     cache: OrderedDict = OrderedDict()
-    a = _row_adapter_batch([first, second, first], torch.device("cpu"), cache, kernels)
-    b = _row_adapter_batch([second, first, None, second], torch.device("cpu"), cache, kernels)
-    c = _row_adapter_batch([second, first], torch.device("cpu"), cache, kernels)
+    a = row_adapter_batch([first, second, first], torch.device("cpu"), cache, kernels)
+    b = row_adapter_batch([second, first, None, second], torch.device("cpu"), cache, kernels)
+    c = row_adapter_batch([second, first], torch.device("cpu"), cache, kernels)
     assert a.grouped.stacks is c.grouped.stacks  # same set, other order
     assert b.grouped.stacks is not a.grouped.stacks  # None (base rows) makes another set
     x, y = torch.randn(2, IN), torch.randn(2, sum(SIZES))
@@ -139,7 +139,7 @@ def test_kernel_many_rows_wide_outputs_and_large_ranks(kernels):
     rows = [big, small, big, big, None, big, big, small, big, big, small]
     x, y = torch.randn(len(rows), in_dim), torch.randn(len(rows), sum(sizes))
     want = reference(y, x, rows, sizes)
-    batch = _row_adapter_batch(rows, torch.device("cpu"), OrderedDict(), kernels)
+    batch = row_adapter_batch(rows, torch.device("cpu"), OrderedDict(), kernels)
     got = batch.apply_fused(y.clone(), x, PATHS, sizes)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
 
@@ -213,11 +213,11 @@ def test_kernel_weights_are_laid_out_once_per_adapter_whatever_set_it_decodes_in
     first, second, third = adapter(1, 4, PATHS), adapter(2, 2, ("q", "v")), adapter(3, 8, PATHS)
     cache: OrderedDict = OrderedDict()
     x, y = torch.randn(3, IN), torch.randn(3, sum(SIZES))
-    before = _row_adapter_batch([first, second, third], torch.device("cpu"), cache, kernels)
+    before = row_adapter_batch([first, second, third], torch.device("cpu"), cache, kernels)
     before.apply_fused(y.clone(), x, PATHS, SIZES)
     built = {id(a): a.kernel_blocks["+".join(PATHS)] for a in (first, second, third)}
     rows = [third, None, first]
-    after = _row_adapter_batch(rows, torch.device("cpu"), cache, kernels)
+    after = row_adapter_batch(rows, torch.device("cpu"), cache, kernels)
     assert after.grouped.stacks is not before.grouped.stacks  # another set
     torch.testing.assert_close(after.apply_fused(y.clone(), x, PATHS, SIZES), reference(y, x, rows), rtol=1e-5, atol=1e-5)
     for a in (first, third):

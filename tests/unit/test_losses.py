@@ -1,7 +1,7 @@
-"""Unit tests for tinkerd.engine.losses against the worked fixtures of the spec.
+"""Unit tests for tinkerd.engine.losses against the reference numbers of docs/losses.md.
 
-Expected numbers are copied from spec/tinker-losses.md §6 (computed there in float64
-by an independent implementation and rounded to 6 dp); the module computes in fp32,
+Expected numbers are copied from docs/losses.md §6 (computed there in float64 from the
+formulas, independently of this module, and rounded to 6 dp); the module computes in fp32,
 so values are compared with an absolute tolerance a little above that rounding.
 """
 

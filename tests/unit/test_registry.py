@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from tinkerd.core.db import CheckpointRow, RunRow, open_database, utcnow
+from tinkerd.core.paths import TinkerPath
 from tinkerd.core.registry import Forbidden, Registry, check_checkpoint_files, disk_full_message
-from tinkerd.core.service import BadRequest, NotFound, TinkerPath
+from tinkerd.types import NotFound, UserError
 
 RUN = "sess-x:train:0"
 
@@ -70,7 +71,7 @@ def test_urls_of_a_deleted_checkpoint_stop_working(registry: Registry):
 
 
 def test_only_external_weights_get_urls(registry: Registry):
-    with pytest.raises(BadRequest, match="save_weights_external"):
+    with pytest.raises(UserError, match="save_weights_external"):
         registry.download_urls(TinkerPath.parse(f"tinker://{RUN}/weights/ext"), "http://h/dl")
 
 
@@ -83,7 +84,7 @@ def test_check_checkpoint_files(tmp_path: Path):
     write_checkpoint(truncated)
     blob = (truncated / "adapter_model.safetensors").read_bytes()
     (truncated / "adapter_model.safetensors").write_bytes(blob[:-4])
-    with pytest.raises(BadRequest, match="tinker://r/weights/truncated is damaged"):
+    with pytest.raises(UserError, match="tinker://r/weights/truncated is damaged"):
         check_checkpoint_files(truncated, "tinker://r/weights/truncated")
 
     no_optimizer = tmp_path / "no-opt"
@@ -115,5 +116,5 @@ def test_ttl_bounds(registry: Registry):
     assert registry.set_ttl(path, 60) > utcnow()
     assert registry.set_ttl(path, None) is None
     for bad in (0, -1, 11 * 365 * 24 * 3600, "60", True):
-        with pytest.raises(BadRequest):
+        with pytest.raises(UserError):
             registry.set_ttl(path, bad)

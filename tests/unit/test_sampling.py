@@ -3,7 +3,7 @@
 import torch
 
 from tinkerd.engine.sampling import CDF_BLOCK, _inverse_cdf, choose_token, choose_tokens, filter_logits, make_generator
-from tinkerd.engine.types import SamplingParams
+from tinkerd.types import SamplingParams
 
 CPU = torch.device("cpu")
 

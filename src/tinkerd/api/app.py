@@ -10,10 +10,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from tinkerd.api.rest_api import SIGNED_DOWNLOAD_PATH, build_rest_router
-from tinkerd.api.tinker_api import build_router
-from tinkerd.api.wire import WireError
-from tinkerd.core.service import BadRequest, NotFound, Service
+from tinkerd.api.openai_routes import build_openai_routers
+from tinkerd.api.rest_routes import SIGNED_DOWNLOAD_PATH, build_rest_router
+from tinkerd.api.tinker_routes import build_router
+from tinkerd.core.service import Service
+from tinkerd.types import UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,9 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
                 return _error(401, "invalid API key: keys start with 'tml-'", request)
         return await call_next(request)
 
-    @app.exception_handler(NotFound)
-    async def not_found(request: Request, exc: NotFound):
-        return _error(404, str(exc), request)
-
-    @app.exception_handler(BadRequest)
-    async def bad_request(request: Request, exc: BadRequest):
-        return _error(400, str(exc), request)
-
-    @app.exception_handler(WireError)
-    async def wire_error(request: Request, exc: WireError):
-        return _error(400, str(exc), request)
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError):
+        return _error(exc.status, str(exc), request, exc.field)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -69,18 +62,14 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
 
     app.include_router(build_router(service, hold_seconds))
     app.include_router(build_rest_router(service))
-    try:
-        from tinkerd.api.openai_api import build_openai_routers
-    except ImportError:  # the OpenAI front door is optional while it is being built
-        build_openai_routers = None
-    if build_openai_routers is not None:
-        for router in build_openai_routers(service):
-            app.include_router(router)
+    for router in build_openai_routers(service):
+        app.include_router(router)
     return app
 
 
-def _error(status: int, message: str, request: Request) -> JSONResponse:
+def _error(status: int, message: str, request: Request, param: str | None = None) -> JSONResponse:
+    """The one error shape of each door: OpenAI's under /oai/ and /v1/, FastAPI's elsewhere."""
     if request.url.path.startswith(("/oai/", "/v1/")):
         kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
-        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}}, status_code=status)
+        return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
     return JSONResponse({"detail": message}, status_code=status)

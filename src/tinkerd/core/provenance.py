@@ -3,7 +3,7 @@
 A sample request with `record_stability_info` records, per sampled sequence, its prompt,
 tokens and the sampler's own logprobs. A training datum's `loss_fn_input_spans` then say
 which target positions are which sampled tokens; from them we lay the recorded sampler
-logprobs onto the datum's targets (see shared/spec/tinker-losses.md §2.7).
+logprobs onto the datum's targets (see docs/losses.md §2.7).
 Records live for a day after their last use (sampling or training).
 """
 
@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tinkerd.types import UserError
+
 RETENTION_SECONDS = 24 * 3600
 
 
-class ProvenanceError(ValueError):
+class ProvenanceError(UserError):
     """Spans that do not describe the datum, or name unknown/foreign sequences (user error)."""
 
 

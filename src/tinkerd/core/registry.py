@@ -19,15 +19,16 @@ import json
 import os
 import secrets
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import sessionmaker
+from safetensors import SafetensorError, safe_open
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from tinkerd.core.db import CheckpointRow, MetricRow, RunRow, SamplerRow, SessionRow, aware, utcnow
-from tinkerd.core.service import CHECKPOINT_KINDS, BadRequest, NotFound, TinkerPath
+from tinkerd.core.paths import CHECKPOINT_KINDS, TinkerPath
+from tinkerd.types import NotFound, UserError
 
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600  # the SDK documents "up to 10 years"
 DOWNLOAD_URL_LIFETIME = dt.timedelta(hours=1)
@@ -61,23 +62,17 @@ def public_metadata(metadata: dict | None) -> dict[str, str]:
 
 
 def _check_safetensors(file: Path) -> None:
-    """Cheap structural check: the header parses and the data is as long as it says."""
-    size = file.stat().st_size
-    with open(file, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{file.name} is truncated ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise ValueError(f"{file.name} is truncated: header says {header_len} bytes, file has {size}")
-        header = json.loads(fh.read(header_len))
-    data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + header_len + data_end != size:
-        raise ValueError(f"{file.name} is damaged: expected {8 + header_len + data_end} bytes, found {size}")
+    """Cheap structural check by the safetensors library itself: the header parses and its
+    tensors cover the file exactly (a truncated or padded file fails). Reads no tensor data."""
+    try:
+        with safe_open(str(file), framework="numpy") as handle:
+            handle.keys()
+    except SafetensorError as exc:
+        raise ValueError(f"{file.name}: {exc}") from None
 
 
 def check_checkpoint_files(directory: Path, tinker_path: str, with_optimizer: bool = False) -> None:
-    """Raise NotFound (files gone) or BadRequest (files damaged) naming the checkpoint.
+    """Raise NotFound (files gone) or UserError (files damaged) naming the checkpoint.
 
     Called before a checkpoint is loaded, so a bad file gives one clear error for that
     request and nothing else is affected.
@@ -92,8 +87,8 @@ def check_checkpoint_files(directory: Path, tinker_path: str, with_optimizer: bo
             raise ValueError(f"{CONFIG_FILE} has no r / lora_alpha")
         for name in needed[1:]:
             _check_safetensors(directory / name)
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as exc:
-        raise BadRequest(f"checkpoint {tinker_path} is damaged and cannot be loaded: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"checkpoint {tinker_path} is damaged and cannot be loaded: {exc}") from None
 
 
 def disk_full_message(exc: BaseException) -> str | None:
@@ -105,6 +100,21 @@ def disk_full_message(exc: BaseException) -> str | None:
     ):
         return f"not enough disk space on the server to write the checkpoint; nothing was saved ({type(exc).__name__}: {text})"
     return None
+
+
+def checkpoint_query(path: TinkerPath) -> Select:
+    """The one query for a checkpoint by its path (at most one row: run, kind and name are unique)."""
+    return select(CheckpointRow).where(
+        CheckpointRow.run_id == path.run_id, CheckpointRow.kind == path.kind, CheckpointRow.name == path.name
+    )
+
+
+def find_checkpoint(s: Session, path: TinkerPath) -> CheckpointRow:
+    """The checkpoint at `path` in session `s`, or NotFound."""
+    row = s.scalar(checkpoint_query(path))
+    if row is None:
+        raise NotFound(f"checkpoint {path} does not exist")
+    return row
 
 
 # -- the registry --------------------------------------------------------------------------
@@ -138,15 +148,18 @@ class Registry:
             runs = list(s.scalars(select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id.desc()).offset(offset).limit(limit)))
         return self._summaries(runs), total
 
-    def run(self, run_id: str) -> RunSummary:
+    def run_row(self, run_id: str) -> RunRow:
         with self.db() as s:
             row = s.get(RunRow, run_id)
         if row is None:
             raise NotFound(f"unknown training run {run_id!r}")
-        return self._summaries([row])[0]
+        return row
+
+    def run(self, run_id: str) -> RunSummary:
+        return self._summaries([self.run_row(run_id)])[0]
 
     def metric_history(self, run_id: str) -> list[MetricRow]:
-        self.run(run_id)
+        self.run_row(run_id)
         with self.db() as s:
             return list(s.scalars(select(MetricRow).where(MetricRow.run_id == run_id).order_by(MetricRow.id)))
 
@@ -155,7 +168,7 @@ class Registry:
     def list_checkpoints(self, run_id: str | None = None, limit: int | None = None, offset: int = 0) -> tuple[list[CheckpointRow], int]:
         """Newest first; for one run, or all of them."""
         if run_id is not None:
-            self.run(run_id)
+            self.run_row(run_id)
         with self.db() as s:
             q = select(CheckpointRow)
             count = select(func.count()).select_from(CheckpointRow)
@@ -169,25 +182,12 @@ class Registry:
 
     def checkpoint(self, path: TinkerPath) -> CheckpointRow:
         with self.db() as s:
-            row = s.scalar(
-                select(CheckpointRow).where(
-                    CheckpointRow.run_id == path.run_id, CheckpointRow.kind == path.kind, CheckpointRow.name == path.name
-                )
-            )
-        if row is None:
-            raise NotFound(f"checkpoint {path} does not exist")
-        return row
+            return find_checkpoint(s, path)
 
     def delete_checkpoint(self, path: TinkerPath) -> None:
         """Forget the checkpoint, then free its files (a crash in between leaves only an orphan dir)."""
         with self.db.begin() as s:
-            row = s.scalar(
-                select(CheckpointRow).where(
-                    CheckpointRow.run_id == path.run_id, CheckpointRow.kind == path.kind, CheckpointRow.name == path.name
-                )
-            )
-            if row is None:
-                raise NotFound(f"checkpoint {path} does not exist")
+            row = find_checkpoint(s, path)
             directory = row.directory
             s.delete(row)
         shutil.rmtree(directory, ignore_errors=True)
@@ -196,38 +196,24 @@ class Registry:
         # Idempotent: production answers 409 when nothing changes, but the SDK retries 409
         # for five minutes before it gives up, which looks like a hang.
         with self.db.begin() as s:
-            row = s.scalar(
-                select(CheckpointRow).where(
-                    CheckpointRow.run_id == path.run_id, CheckpointRow.kind == path.kind, CheckpointRow.name == path.name
-                )
-            )
-            if row is None:
-                raise NotFound(f"checkpoint {path} does not exist")
-            row.public = public
+            find_checkpoint(s, path).public = public
 
     def set_ttl(self, path: TinkerPath, ttl_seconds: int | None) -> dt.datetime | None:
         """Expire `ttl_seconds` from now (None: never). The janitor deletes expired checkpoints."""
         if ttl_seconds is not None:
             if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int):
-                raise BadRequest(f"ttl_seconds must be an integer number of seconds or null, got {ttl_seconds!r}")
+                raise UserError(f"ttl_seconds must be an integer number of seconds or null, got {ttl_seconds!r}")
             if not (1 <= ttl_seconds <= MAX_TTL_SECONDS):
-                raise BadRequest(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (10 years), got {ttl_seconds}")
+                raise UserError(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (10 years), got {ttl_seconds}")
         expires = utcnow() + dt.timedelta(seconds=ttl_seconds) if ttl_seconds is not None else None
         with self.db.begin() as s:
-            row = s.scalar(
-                select(CheckpointRow).where(
-                    CheckpointRow.run_id == path.run_id, CheckpointRow.kind == path.kind, CheckpointRow.name == path.name
-                )
-            )
-            if row is None:
-                raise NotFound(f"checkpoint {path} does not exist")
-            row.expires_at = expires
+            find_checkpoint(s, path).expires_at = expires
         return expires
 
     def weights_info(self, tinker_path: str) -> tuple[RunRow, CheckpointRow]:
         path = TinkerPath.parse(tinker_path)
         row = self.checkpoint(path)
-        return self.run(row.run_id).run, row
+        return self.run_row(row.run_id), row
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -283,7 +269,7 @@ class Registry:
     def download_urls(self, path: TinkerPath, base_url: str, now: dt.datetime | None = None) -> tuple[dict[str, str], dt.datetime]:
         """{relative file name: signed URL} for every file of an external_weights checkpoint."""
         if path.kind != "external_weights":
-            raise BadRequest(
+            raise UserError(
                 f"{path} is not an external_weights checkpoint: save one with TrainingClient.save_weights_external "
                 "(or use `tinker checkpoint download` for weights/ paths)"
             )

@@ -1,6 +1,6 @@
 """Server-side math of Tinker's built-in loss functions.
 
-Follows ``spec/tinker-losses.md`` (section numbers below refer to it). The training
+Follows ``docs/losses.md`` (section numbers below refer to it). The training
 engine calls :func:`compute_datum_loss` once per datum: the SDK splits large calls into
 chunks that arrive as separate requests, so nothing here may depend on another datum
 (§1.1). Every loss is the *negative* of an objective, *summed* over tokens with no
@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinkerd.types import UserError
+
 __all__ = [
     "LOSS_NAMES",
     "STABLE_REINFORCE_TRUNCATED_IS",
@@ -47,7 +49,7 @@ __all__ = [
 ]
 
 
-class LossInputError(ValueError):
+class LossInputError(UserError):
     """Bad user input (unknown loss, missing/ill-shaped input, bad config key/value).
 
     The server turns it into a ``user``-category failure; the message names what is
@@ -97,7 +99,7 @@ _CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "ppo": {_CLIP_LOW: 0.8, _CLIP_HIGH: 1.2},
     # One-sided by default: only the upper side is capped (cookbook 0.6.1 tutorial 202).
     "cispo": {_CLIP_LOW: 0.0, _CLIP_HIGH: 4.0},
-    # No documented default; 0.1 is the spec's PROPOSAL (§2.5, §7.5).
+    # No documented default; 0.1 is tinkerd's choice, a PROPOSAL (§2.5, §7.5).
     "dro": {"beta": 0.1},
     # Key names and defaults inferred by analogy with PPO (§2.6, §7.4).
     "gspo": {_CLIP_LOW: 0.8, _CLIP_HIGH: 1.2},
@@ -588,7 +590,7 @@ def _dro(
 ) -> LossResult:
     # §2.5: loss = -sum_i [lp_i A_i - beta/2 (lp_i - q_i)^2]. The quadratic term is
     # unmasked, as documented: prompt positions padded with q = 0 are pulled toward
-    # lp = 0 (spec §2.5 caveat; clients should pad with true log-probs if they care).
+    # lp = 0 (the caveat of §2.5; clients should pad with true log-probs if they care).
     sampler_lp, advantages = _rl_inputs("dro", lp, inputs)
     beta = _config_float("dro", config, "beta")
     log_ratio = lp - sampler_lp
@@ -644,13 +646,13 @@ def _checked_clip_bounds(
 
 
 # ==============================================================================
-# PROPOSAL ZONE: StableReinforce (spec §2.7.2, §7.1-§7.3)
+# PROPOSAL ZONE: StableReinforce (docs/losses.md §2.7.2, §7.1-§7.3)
 #
 # The real StableReinforce objective is not public. Every guess about it lives in the
 # two functions below; correct them here when the full docs page becomes available.
 #   * stable_reinforce_token_loss: the per-token formula (REINFORCE on sampled tokens
-#     plus kl_coeff * k3 estimate of KL(sampler || learner)), with the spec's A/B
-#     alternative (detached truncated IS weight) behind STABLE_REINFORCE_TRUNCATED_IS.
+#     plus kl_coeff * k3 estimate of KL(sampler || learner)), with the A/B
+#     alternative of §2.7.2 (detached truncated IS weight) behind STABLE_REINFORCE_TRUNCATED_IS.
 #   * fallback_sampled_mask: which positions count as sampled when the engine has no
 #     recorded provenance for the datum.
 # The plumbing (validation, recorded-vs-client log-prob choice) is in
@@ -658,7 +660,7 @@ def _checked_clip_bounds(
 # ==============================================================================
 
 # False: loss = sum_S[-A lp + kl_coeff * k3]; True: the REINFORCE term is weighted by
-# sg(min(r, 1)), the "worth A/B-testing" variant of §2.7.2.
+# sg(min(r, 1)), the variant of §2.7.2.
 STABLE_REINFORCE_TRUNCATED_IS: bool = False
 
 

@@ -1,20 +1,18 @@
-"""Wire conversions: the SDK's protobuf and JSON shapes ⇄ engine-level values.
+"""Wire conversions: the SDK's protobuf shapes ⇄ plain values (`tinkerd.types`).
 
-The schema is the SDK's own (`tinker.proto.tinker_public_pb2`, `tinker.types`); this
-module only maps it onto numpy arrays and the engine's dataclasses.
+The schema is the SDK's own (`tinker.proto.tinker_public_pb2`); this module only maps it
+onto numpy arrays and tinkerd's dataclasses. docs/wire-protocol.md describes the shapes.
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from tinker.proto import tinker_public_pb2 as pb
 
-from tinkerd.engine.types import Datum, SampleResult, TrainResult
+from tinkerd.api.sdk import pb
+from tinkerd.types import Datum, SampleResult, TrainResult, UserError
 
 
-class WireError(ValueError):
+class WireError(UserError):
     """The body does not describe a valid request; the message names the field."""
 
 
@@ -164,7 +162,3 @@ def sample_response(result: SampleResult) -> bytes:
     if result.topk_prompt_ids is not None:
         out.topk_prompt_logprobs.CopyFrom(_topk(result.topk_prompt_ids, result.topk_prompt_logprobs or []))
     return out.SerializeToString()
-
-
-def finite_or_none(values: list[float]) -> list[float | None]:
-    return [None if (v is None or math.isnan(v)) else v for v in values]

@@ -1,13 +1,12 @@
 """The Tinker API routes (`/api/v1/...`) that the unmodified `tinker` SDK calls.
 
 Requests are parsed with the SDK's own pydantic types and protobuf messages, translated
-to plain values for the core layer, and results translated back. See
-shared/spec/tinker-wire-protocol.md for the traps this file handles.
+to plain values for the core layer, and results translated back. docs/wire-protocol.md
+describes the protocol and the traps this file handles.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,15 +14,14 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
-from tinker import types as T
 
-from tinkerd.api import wire
+from tinkerd.api import tinker_wire as wire
+from tinkerd.api.sdk import types as T
 from tinkerd.core.futures import FutureEntry
-from tinkerd.core.service import BadRequest, NotFound, Service
-from tinkerd.engine.types import AdamParams, LoraSpec, SampleRequest, SamplingParams
+from tinkerd.core.service import Service
+from tinkerd.types import AdamParams, LoraSpec, SampleRequest, SamplingParams, UserError
 
 PROTOBUF = "application/x-protobuf"
-MAX_SAMPLES_PER_REQUEST = 128
 
 
 def parse(model: type[BaseModel], body: Any) -> Any:
@@ -31,14 +29,14 @@ def parse(model: type[BaseModel], body: Any) -> Any:
         return model.model_validate(body)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
-        raise BadRequest(f"invalid {model.__name__}: {problems}") from None
+        raise UserError(f"invalid {model.__name__}: {problems}") from None
 
 
 async def json_body(request: Request) -> Any:
     try:
         return await request.json()
     except ValueError:
-        raise BadRequest("request body is not valid JSON") from None
+        raise UserError("request body is not valid JSON") from None
 
 
 def promise(entry: FutureEntry, model_id: str | None = None, **extra: Any) -> dict:
@@ -49,7 +47,8 @@ def promise(entry: FutureEntry, model_id: str | None = None, **extra: Any) -> di
     return out
 
 
-def to_sampling_params(p: Any, remaining_context: int) -> SamplingParams:
+def to_sampling_params(p: Any) -> SamplingParams:
+    """The SDK's SamplingParams as plain values; `core/sampling.py` checks them."""
     stop = p.stop
     strings: list[str] = []
     ids: list[int] = []
@@ -65,17 +64,9 @@ def to_sampling_params(p: Any, remaining_context: int) -> SamplingParams:
         elif all(isinstance(s, int) for s in stop):
             ids = stop
         else:
-            raise BadRequest("sampling_params.stop must be all strings or all token ids")
-    if p.max_tokens is not None and p.max_tokens < 0:
-        raise BadRequest(f"sampling_params.max_tokens must be >= 0, got {p.max_tokens}")
-    if not math.isfinite(p.temperature) or p.temperature < 0:
-        raise BadRequest(f"sampling_params.temperature must be >= 0, got {p.temperature}")
-    if not (0.0 < p.top_p <= 1.0):
-        raise BadRequest(f"sampling_params.top_p must be in (0, 1], got {p.top_p}")
-    if any(not s for s in strings):
-        raise BadRequest("sampling_params.stop contains an empty string")
+            raise UserError("sampling_params.stop must be all strings or all token ids")
     return SamplingParams(
-        max_tokens=remaining_context if p.max_tokens is None else p.max_tokens,
+        max_tokens=p.max_tokens,
         temperature=float(p.temperature),
         top_k=int(p.top_k),
         top_p=float(p.top_p),
@@ -90,7 +81,7 @@ def model_input_tokens(model_input: Any, what: str) -> list[int]:
     tokens: list[int] = []
     for chunk in model_input.chunks:
         if getattr(chunk, "type", None) != "encoded_text":
-            raise BadRequest(f"{what}: chunk type {getattr(chunk, 'type', '?')!r} is not supported by this text model")
+            raise UserError(f"{what}: chunk type {getattr(chunk, 'type', '?')!r} is not supported by this text model")
         tokens.extend(int(t) for t in chunk.tokens)
     return tokens
 
@@ -100,7 +91,7 @@ def consumes_seq(service: Service, model_id: str | None, seq_id: int | None) -> 
     """A training request refused at submission still uses up its seq_id (see Service.skip_seq)."""
     try:
         yield
-    except (BadRequest, NotFound, wire.WireError):
+    except UserError:
         if model_id is not None:
             service.skip_seq(model_id, seq_id)
         raise
@@ -131,7 +122,7 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
     async def capabilities() -> dict:
         return {
             "supported_models": [
-                {"model_name": name, "max_context_length": engine.max_context, "trainable": True, "sampleable": True}
+                {"model_name": name, "max_context_length": engine.info.max_context, "trainable": True, "sampleable": True}
                 for name, engine in service.engines.items()
             ]
         }
@@ -164,7 +155,7 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
         req = parse(T.CreateModelRequest, await json_body(request))
         lora = req.lora_config or T.LoraConfig(rank=32)
         if getattr(req.optimizer_config, "type", "adamw") != "adamw":
-            raise BadRequest(f"optimizer {req.optimizer_config.type!r} is not supported; use adamw")
+            raise UserError(f"optimizer {req.optimizer_config.type!r} is not supported; use adamw")
         spec = LoraSpec(rank=lora.rank, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
                         train_unembed=lora.train_unembed, seed=lora.seed)  # type: ignore[arg-type]
         model_id, entry = service.create_model(req.session_id, req.model_seq_id, req.base_model, spec, req.user_metadata or {})
@@ -182,16 +173,16 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
             "is_lora": True,
             "lora_rank": run.lora_rank,
             "model_name": run.base_model,
-            "max_context_length": engine.max_context,
+            "max_context_length": engine.info.max_context,
         }
 
     @r.post("/forward_backward")
     async def forward_backward(request: Request) -> dict:
         if request.headers.get("content-encoding"):
-            raise BadRequest(f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
+            raise UserError(f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
         body = await request.body()
         if PROTOBUF not in request.headers.get("content-type", ""):
-            raise BadRequest("forward_backward expects a protobuf body (Content-Type: application/x-protobuf)")
+            raise UserError("forward_backward expects a protobuf body (Content-Type: application/x-protobuf)")
         msg = wire.parse_forward_backward(body)
         with consumes_seq(service, msg.model_id, msg.seq_id):
             datums = wire.datums_from_proto(msg)
@@ -205,7 +196,7 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
         p = req.optim_params
         with consumes_seq(service, req.model_id, req.seq_id):
             if not isinstance(p, T.AdamParams):
-                raise BadRequest(f"optimizer params {type(p).__name__} are not supported; use adam_params")
+                raise UserError(f"optimizer params {type(p).__name__} are not supported; use adam_params")
             params = AdamParams(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
             return promise(service.optim_step(req.model_id, req.seq_id, params), req.model_id)
 
@@ -225,8 +216,8 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
         with consumes_seq(service, req.model_id, req.seq_id):
             if req.path is None:
                 if req.sampling_session_seq_id is None:
-                    raise BadRequest("save_weights_for_sampler needs path or sampling_session_seq_id")
-                session = (service._model(req.model_id).session_id, req.sampling_session_seq_id)
+                    raise UserError("save_weights_for_sampler needs path or sampling_session_seq_id")
+                session = (service.session_of_model(req.model_id), req.sampling_session_seq_id)
             entry = service.save_checkpoint(
                 req.model_id, req.seq_id, req.path, "sampler_weights", req.ttl_seconds, True, req.user_metadata,
                 sampler_session=session,
@@ -238,7 +229,7 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
         req = parse(T.SaveWeightsExternalRequest, await json_body(request))
         with consumes_seq(service, req.model_id, req.seq_id):
             if req.age_encryption_recipients:
-                raise BadRequest("age_encryption_recipients is not supported by this server")
+                raise UserError("age_encryption_recipients is not supported by this server")
             entry = service.save_checkpoint(req.model_id, req.seq_id, req.path, "external_weights", req.ttl_seconds, True)
         return promise(entry, req.model_id)
 
@@ -272,23 +263,14 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
     async def asample(request: Request) -> dict:
         req = parse(T.SampleRequest, await json_body(request))
         if req.sampling_session_id is None:
-            raise BadRequest("asample needs sampling_session_id")
-        if not (1 <= req.num_samples <= MAX_SAMPLES_PER_REQUEST):
-            raise BadRequest(f"num_samples must be between 1 and {MAX_SAMPLES_PER_REQUEST}, got {req.num_samples}")
+            raise UserError("asample needs sampling_session_id")
         if req.target_prompt_logprobs is not None or req.prompt_alt_tokens_k:
-            raise BadRequest("target_prompt_logprobs and prompt_alt_tokens_k are not supported by this server")
-        state = service.samplers.get(req.sampling_session_id)
-        if state is None:
-            raise NotFound(f"unknown sampling session {req.sampling_session_id!r}")
-        engine = service.engine_for(state.base_model)
-        prompt = model_input_tokens(req.prompt, "prompt")
-        params = to_sampling_params(req.sampling_params, max(0, engine.max_context - len(prompt)))
-        if req.topk_prompt_logprobs < 0 or req.topk_sample_logprobs < 0:
-            raise BadRequest("topk_prompt_logprobs and topk_sample_logprobs must be >= 0")
+            raise UserError("target_prompt_logprobs and prompt_alt_tokens_k are not supported by this server")
+        service.sampler(req.sampling_session_id)  # 404 for an unknown sampler, before anything else
         sample_req = SampleRequest(
-            prompt=prompt,
+            prompt=model_input_tokens(req.prompt, "prompt"),
             num_samples=req.num_samples,
-            params=params,
+            params=to_sampling_params(req.sampling_params),
             prompt_logprobs=bool(req.prompt_logprobs),
             topk_prompt_logprobs=req.topk_prompt_logprobs,
             topk_sample_logprobs=req.topk_sample_logprobs,

@@ -1,10 +1,14 @@
-"""Plain values exchanged with the engine (no torch here, so the API layer can use them)."""
+"""The vocabulary every layer speaks: plain, picklable values, and the user-error class.
+
+These are what cross the engine's door (`engine/client.py`): token lists, floats, numpy
+arrays, loss names and adapter references in; results of the same kind out. No torch
+here, so `api/` and `core/` can use them without loading it, and a remote engine (a Ray
+actor) can receive and return them as they are.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -13,7 +17,7 @@ LORA_ALPHA = 32.0
 
 @dataclass
 class SamplingParams:
-    max_tokens: int
+    max_tokens: int | None  # None until core/sampling.py fills in the door's default
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -23,8 +27,39 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
-class UserInputError(ValueError):
-    """The request is wrong (the caller's fault): reported as a `user` failure."""
+class UserError(ValueError):
+    """The request is wrong (the caller's fault), whichever layer finds it.
+
+    The Tinker door reports it as a `user`-category failure (or HTTP 400 when the request
+    itself is refused), the OpenAI door as a 400 whose `param` is `field` when known.
+    """
+
+    status = 400
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class NotFound(UserError):
+    """An unknown id, name or path (HTTP 404)."""
+
+    status = 404
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the front doors need to know of a served base model, without the model.
+
+    `model_dir` holds its tokenizer files (and chat template); the doors load the
+    tokenizer from there themselves (`core/tokenizers.py`).
+    """
+
+    name: str
+    model_dir: str
+    max_context: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -82,16 +117,22 @@ class SampleResult:
     topk_prompt_logprobs: list[list[float]] | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class AdapterRef:
-    """A sampler adapter: `key` names it in the cache, `directory` holds its PEFT files."""
+    """A sampler adapter: `key` names it in the engine's cache, `directory` holds its PEFT files."""
 
     key: str
-    directory: Path
+    directory: str
 
 
 @dataclass
 class SampleRequest:
+    """One prompt, `num_samples` samples. `request_id` names it for `EngineClient.cancel`.
+
+    Checked and completed (max_tokens filled in) by `core/sampling.py` before it reaches
+    the engine, which trusts it.
+    """
+
     prompt: list[int]
     num_samples: int
     params: SamplingParams
@@ -101,14 +142,17 @@ class SampleRequest:
     topk_sample_logprobs: int = 0
     record_stability_info: bool = False
     prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens
-    on_token: Callable[[int, int, float], None] | None = None  # (sample_index, token, logprob), streaming
-    # Streaming extras: the new token's top-k (sample_index, ids, logprobs), called just before
-    # on_token when topk_sample_logprobs > 0; and a poll after each token — True ends that
-    # sample early with stop_reason "stop" (its client went away, or it hit a stop the caller found).
-    on_token_topk: Callable[[int, list[int], list[float]], None] | None = None
-    is_cancelled: Callable[[int], bool] | None = None
+    request_id: str = ""
 
 
+@dataclass(frozen=True)
+class TokenEvent:
+    """One sampled token, streamed while its request runs (OpenAI `stream`)."""
+
+    sample_index: int
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] | None = None  # the top-k alternatives, when asked for
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Listing, publish / unpublish, TTL, delete, weights_info, and downloads of external
 weights through URLs that tinkerd signs (HMAC with a per-data-dir secret, one hour) and
-serves itself. Shapes: shared/spec/tinker-wire-protocol.md §4.6 and §2.4. Every
-datetime is sent timezone-aware. Plus one tinkerd extension: a run's metric history.
+serves itself. Shapes: docs/wire-protocol.md (REST routes). Every datetime is sent
+timezone-aware. Plus one tinkerd extension: a run's metric history.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from tinkerd.core.db import CheckpointRow, RunRow
-from tinkerd.core.registry import Forbidden, Registry, RunSummary, iso, public_metadata, tinker_path_of
-from tinkerd.core.service import CHECKPOINT_KINDS, BadRequest, Service, TinkerPath
+from tinkerd.core.paths import CHECKPOINT_KINDS, TinkerPath
+from tinkerd.core.registry import Forbidden, RunSummary, iso, public_metadata, tinker_path_of
+from tinkerd.core.service import Service
+from tinkerd.types import UserError
 
 SIGNED_DOWNLOAD_PATH = "/api/v1/signed_download"  # open (no API key): the signature is the credential
 MAX_PAGE = 1000
@@ -73,12 +75,12 @@ def weights_info_json(run: RunRow) -> dict[str, Any]:
 
 def page(limit: int, offset: int) -> tuple[int, int]:
     if limit < 0 or offset < 0:
-        raise BadRequest(f"limit and offset must be >= 0, got limit={limit}, offset={offset}")
+        raise UserError(f"limit and offset must be >= 0, got limit={limit}, offset={offset}")
     return min(limit, MAX_PAGE), offset
 
 
 def build_rest_router(service: Service) -> APIRouter:
-    registry = Registry(service.db, service.data_dir)
+    registry = service.registry
     r = APIRouter(prefix="/api/v1")
 
     def ckpt_path(run_id: str, kind: str, name: str) -> TinkerPath:
@@ -138,9 +140,9 @@ def build_rest_router(service: Service) -> APIRouter:
         try:
             body = await request.json()
         except ValueError:
-            raise BadRequest("request body is not valid JSON") from None
+            raise UserError("request body is not valid JSON") from None
         if not isinstance(body, dict) or "ttl_seconds" not in body:
-            raise BadRequest('expected {"ttl_seconds": int | null}')
+            raise UserError('expected {"ttl_seconds": int | null}')
         expires = registry.set_ttl(ckpt_path(run_id, kind, name), body["ttl_seconds"])
         return {"expires_at": iso(expires)}
 
@@ -163,9 +165,9 @@ def build_rest_router(service: Service) -> APIRouter:
         try:
             body = await request.json()
         except ValueError:
-            raise BadRequest("request body is not valid JSON") from None
+            raise UserError("request body is not valid JSON") from None
         if not isinstance(body, dict) or not isinstance(body.get("tinker_path"), str):
-            raise BadRequest('expected {"tinker_path": "tinker://..."}')
+            raise UserError('expected {"tinker_path": "tinker://..."}')
         run, _ = registry.weights_info(body["tinker_path"])
         return weights_info_json(run)
 

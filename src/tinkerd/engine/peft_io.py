@@ -1,4 +1,5 @@
-"""LoRA adapters on disk in PEFT layout (adapter_config.json + adapter_model.safetensors).
+"""LoRA adapters on disk in PEFT layout (adapter_config.json + adapter_model.safetensors):
+the one reader and writer of them, for checkpoints and for adapters made elsewhere.
 
 `peft.PeftModel.from_pretrained(base, dir)` and vLLM load these directories as they are.
 Optimizer state, when saved, sits beside them in `optimizer.safetensors`.
@@ -7,7 +8,9 @@ Optimizer state, when saved, sits beside them in `optimizer.safetensors`.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tinkerd.engine.model import LoraWeights
+from tinkerd.types import UserError
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -22,18 +26,17 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 TINKERD_FILE = "tinkerd.json"  # our own settings (LoRA flags, seed): kept out of adapter_config.json so PEFT loads it without warnings
 
 
-class CheckpointFileError(ValueError):
+class CheckpointFileError(UserError):
     """A checkpoint directory that is missing, incomplete or corrupt."""
+
+
+# PEFT's tensor names; an adapter saved by PEFT under a name other than the default keeps
+# that name between lora_A/B and .weight.
+_PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>A|B)(?:\.[A-Za-z0-9_]+)?\.weight$")
 
 
 def peft_key(path: str, which: str) -> str:
     return f"base_model.model.{path}.lora_{which}.weight"
-
-
-def _module_path(key: str) -> tuple[str, str]:
-    body = key.removeprefix("base_model.model.")
-    path, which, _ = body.rsplit(".", 2)
-    return path, which.removeprefix("lora_")
 
 
 def adapter_tensors(weights: LoraWeights) -> dict[str, torch.Tensor]:
@@ -106,21 +109,51 @@ def read_adapter_config(directory: Path) -> dict:
         raise CheckpointFileError(f"checkpoint {directory.name}: cannot read {CONFIG_FILE} ({exc})") from exc
 
 
+def _plain_lora_problems(config: dict) -> list[str]:
+    """PEFT settings tinkerd's LoRA does not have (it would compute something else)."""
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        return [f"peft_type {config.get('peft_type')} (only LoRA)"]
+    return [
+        what for what, bad in (
+            ("use_dora", config.get("use_dora")),
+            ("rank_pattern", config.get("rank_pattern")),
+            ("alpha_pattern", config.get("alpha_pattern")),
+            ("modules_to_save", config.get("modules_to_save")),
+            ("bias", config.get("bias", "none") not in (None, "none")),
+        ) if bad
+    ]
+
+
 def read_checkpoint_dir(directory: Path, device: torch.device) -> tuple[dict, LoraWeights]:
+    """(adapter_config, weights) of a PEFT LoRA directory: a tinkerd checkpoint or an adapter
+    trained elsewhere (safetensors or PEFT's older adapter_model.bin). Raises
+    CheckpointFileError naming what is wrong."""
     config = read_adapter_config(directory)
+    problems = _plain_lora_problems(config)
+    if problems:
+        raise CheckpointFileError(f"checkpoint {directory.name}: adapter settings that tinkerd's LoRA does not have: {', '.join(problems)}")
     try:
-        tensors = load_file(str(directory / ADAPTER_FILE))
+        if (directory / ADAPTER_FILE).is_file() or not (directory / "adapter_model.bin").is_file():
+            tensors = load_file(str(directory / ADAPTER_FILE))
+        else:
+            tensors = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors raises several types for truncated/corrupt files
         raise CheckpointFileError(f"checkpoint {directory.name}: cannot read {ADAPTER_FILE} ({exc})") from exc
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        path, which = _module_path(key)
-        (a if which == "A" else b)[path] = tensor.float().to(device)
+        match = _PEFT_KEY.match(key)
+        if match is None:
+            raise CheckpointFileError(
+                f"checkpoint {directory.name}: unsupported tensor {key!r}: only lora_A / lora_B weights of linear layers")
+        (a if match["which"] == "A" else b)[match["path"]] = tensor.detach().float().contiguous().to(device)
     if set(a) != set(b) or not a:
-        raise CheckpointFileError(f"checkpoint {directory.name}: incomplete LoRA tensors")
-    rank = int(config["r"])
-    return config, LoraWeights(a=a, b=b, scale=float(config["lora_alpha"]) / rank)
+        raise CheckpointFileError(f"checkpoint {directory.name}: incomplete LoRA tensors (every module needs lora_A and lora_B)")
+    rank = int(config.get("r") or next(iter(a.values())).shape[0])
+    alpha = float(config.get("lora_alpha", rank))
+    # rsLoRA scales by alpha/sqrt(r) where plain LoRA scales by alpha/r.
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return config, LoraWeights(a=a, b=b, scale=scale)
 
 
 def read_optimizer(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:

@@ -1,0 +1,135 @@
+"""The one way into sampling, for both front doors.
+
+The Tinker `SamplingClient` and the OpenAI routes both come through here: a model name or
+`tinker://` path is resolved to an engine and an adapter once (`resolve`), a request is
+checked and completed once (`check`: prompt tokens, context length, the default
+max_tokens, temperature, top_p, top_k, stops, samples per request, top-k logprobs), and
+submitted to the engine's door (`submit`). A failed check is a `UserError` whose `field`
+names the offending value in this module's words ("prompt", "max_tokens", "temperature",
+"top_p", "top_k", "stop", "num_samples", "topk_prompt_logprobs",
+"topk_sample_logprobs", "model"); each door renders it in its own error shape and its
+own field names (`sampling_params.temperature`, OpenAI's `n`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from tinkerd.types import AdapterRef, ModelInfo, NotFound, SampleRequest, TokenEvent, UserError
+
+if TYPE_CHECKING:
+    from tinkerd.engine.client import EngineClient
+
+MAX_SAMPLES_PER_REQUEST = 128
+
+
+@dataclass(frozen=True)
+class SampleTarget:
+    """What a model name means: a base model's engine, and the checkpoint's adapter if any."""
+
+    base_model: str
+    engine: EngineClient
+    adapter: AdapterRef | None
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.engine.info
+
+
+class Sampling:
+    def __init__(self, engines: dict[str, EngineClient], adapter_for_path: Callable[[str], tuple[str, AdapterRef]]):
+        self.engines = engines
+        self._adapter_for_path = adapter_for_path
+
+    def resolve(self, model: str) -> SampleTarget:
+        """A served base model's name, or a checkpoint path (its files checked here, so a
+        damaged checkpoint fails now, naming itself). Raises NotFound / UserError(field="model")."""
+        engine = self.engines.get(model)
+        if engine is not None:
+            return SampleTarget(model, engine, None)
+        if not model.startswith("tinker://"):
+            raise UserError(f"unknown base model {model!r}; this server serves: {', '.join(self.engines)}", field="model")
+        base_model, adapter = self._adapter_for_path(model)
+        engine = self.engines.get(base_model)
+        if engine is None:
+            raise NotFound(f"{model} needs base model {base_model!r}, which this server does not serve", field="model")
+        return SampleTarget(base_model, engine, adapter)
+
+    def submit(
+        self, target: SampleTarget, request: SampleRequest, on_token: Callable[[TokenEvent], None] | None = None
+    ) -> Future:
+        """Submit a checked request to the target's engine; gives it a request id if it has none."""
+        if not request.request_id:
+            request.request_id = f"smp-{uuid.uuid4().hex}"
+        request.adapter = target.adapter
+        return target.engine.sample(request, on_token)
+
+    def cancel(self, target: SampleTarget, request_id: str, sample_index: int | None = None) -> None:
+        target.engine.cancel(request_id, sample_index)
+
+
+def check(
+    info: ModelInfo,
+    request: SampleRequest,
+    *,
+    prompt_label: str = "prompt",
+    default_max_tokens: int | None = None,
+    refuse_overflow: bool = False,
+    min_max_tokens: int = 0,
+) -> SampleRequest:
+    """The request, checked against the model, with max_tokens filled in.
+
+    `default_max_tokens`: when the request names none, at most this many (None: the rest
+    of the context). A max_tokens past the end of the context is cut to fit, or refused
+    with `refuse_overflow` (OpenAI's behaviour). `prompt_label` is how messages name the
+    prompt ("prompt[2]", "messages").
+    """
+    check_prompt(info, request.prompt, prompt_label)
+    if not (1 <= request.num_samples <= MAX_SAMPLES_PER_REQUEST):
+        raise UserError(f"must be between 1 and {MAX_SAMPLES_PER_REQUEST}, got {request.num_samples}", field="num_samples")
+    for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
+        k = getattr(request, name)
+        if not (0 <= k <= info.vocab_size):
+            raise UserError(f"must be between 0 and the vocabulary size {info.vocab_size}, got {k}", field=name)
+    params = request.params
+    if not math.isfinite(params.temperature) or params.temperature < 0:
+        raise UserError(f"must be a number >= 0, got {params.temperature}", field="temperature")
+    if not (0.0 < params.top_p <= 1.0):
+        raise UserError(f"must be in (0, 1], got {params.top_p}", field="top_p")
+    if params.top_k < -1:
+        raise UserError(f"must be -1 or 0 (off) or >= 1, got {params.top_k}", field="top_k")
+    if any(not s for s in params.stop_strings):
+        raise UserError("stop sequences must be non-empty strings", field="stop")
+    room = info.max_context - len(request.prompt)
+    max_tokens = params.max_tokens
+    if max_tokens is None:
+        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+    elif max_tokens < min_max_tokens:
+        raise UserError(f"must be >= {min_max_tokens}, got {max_tokens}", field="max_tokens")
+    elif max_tokens > room:
+        if refuse_overflow:
+            raise UserError(
+                f"this model's maximum context length is {info.max_context} tokens, but you requested "
+                f"{len(request.prompt) + max_tokens} tokens ({len(request.prompt)} in the prompt, {max_tokens} for the completion)",
+                field="max_tokens",
+            )
+        max_tokens = room
+    return replace(request, params=replace(params, max_tokens=max_tokens))
+
+
+def check_prompt(info: ModelInfo, prompt: list[int], label: str = "prompt") -> None:
+    if not prompt:
+        raise UserError(f"{label} is empty", field="prompt")
+    bad = next((t for t in prompt if not (0 <= t < info.vocab_size)), None)
+    if bad is not None:
+        raise UserError(f"{label} contains token id {bad}, outside the vocabulary [0, {info.vocab_size})", field="prompt")
+    if len(prompt) >= info.max_context:
+        raise UserError(
+            f"this model's maximum context length is {info.max_context} tokens, but {label} has {len(prompt)} tokens",
+            field="prompt",
+        )

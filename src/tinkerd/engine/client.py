@@ -1,0 +1,156 @@
+"""The one door into an engine: `EngineClient`.
+
+Everything above `engine/` (the core, and through it both front doors) reaches the engine
+of a base model through this interface, and nothing else. What crosses it is plain and
+picklable (`tinkerd.types`): token lists, floats, numpy arrays, loss names, adapter ids and
+checkpoint directories in; `concurrent.futures.Future`s of plain results out. No tensor,
+model object or engine setting crosses it, so a remote engine (a Ray actor) implements the
+same methods by forwarding the same values.
+
+Two arguments are local to the caller's side by design: `sample`'s `on_token` sink (a
+remote implementation feeds it from the tokens it receives) and the futures themselves.
+
+`InProcessEngine` is the implementation that runs the engine in this process, on its own
+thread (`scheduler.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from tinkerd.types import AdamParams, ForwardBackwardCall, LoraSpec, ModelInfo, SampleRequest, TokenEvent
+
+log = logging.getLogger(__name__)
+
+
+class EngineClient(ABC):
+    """One base model's engine. Requests of one adapter run in the order they are made."""
+
+    info: ModelInfo
+
+    @abstractmethod
+    def create_adapter(self, adapter_id: str, spec: LoraSpec) -> Future:
+        """A fresh trainable LoRA adapter (and its AdamW state). Future[None]."""
+
+    @abstractmethod
+    def load_adapter(self, adapter_id: str, directory: str, with_optimizer: bool) -> Future:
+        """A trainable adapter from a checkpoint directory (replacing one of that id). Future[LoraSpec]."""
+
+    @abstractmethod
+    def drop_adapter(self, adapter_id: str) -> Future:
+        """Free an adapter's weights and optimizer state. Future[None]."""
+
+    @abstractmethod
+    def forward_backward(self, call: ForwardBackwardCall) -> Future:
+        """Forward (and backward, unless `call.forward_only`) of one adapter's datums. Future[TrainResult]."""
+
+    @abstractmethod
+    def optim_step(self, adapter_id: str, params: AdamParams) -> Future:
+        """One AdamW step on the accumulated gradients. Future[dict of metrics]."""
+
+    @abstractmethod
+    def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool, sampler_key: str | None = None) -> Future:
+        """Write the adapter as a PEFT checkpoint directory (atomically). With `sampler_key`, the
+        saved weights also serve samples of that key at once. Future[int: bytes written]."""
+
+    @abstractmethod
+    def sample(self, request: SampleRequest, on_token: Callable[[TokenEvent], None] | None = None) -> Future:
+        """Sample a checked request (`core/sampling.py`). `on_token` streams each token as it is
+        chosen. Future[SampleResult]."""
+
+    @abstractmethod
+    def cancel(self, request_id: str, sample_index: int | None = None) -> None:
+        """End a running sample request early (one sample, or all of them): the cancelled
+        samples finish with stop_reason "stop" and the tokens they have."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Stop the engine; requests still queued never complete."""
+
+
+class InProcessEngine(EngineClient):
+    """The engine of one base model, in this process, on its own thread."""
+
+    def __init__(self, name: str, model_dir: Path, device: str | None = None, sampler_cache_size: int = 64):
+        from tinkerd.engine.sampler import Cancellations
+
+        self.name = name
+        self.model_dir = Path(model_dir)
+        self._device = device
+        self._sampler_cache_size = sampler_cache_size
+        self.cancellations = Cancellations()
+        from tinkerd.engine.scheduler import Scheduler
+
+        self.scheduler = Scheduler(name, self._build)
+        self.trainer = self.scheduler.trainer
+        self.sampler = self.scheduler.sampler
+        self.model = self.trainer.model
+        cfg = self.model.cfg
+        self.info = ModelInfo(name=name, model_dir=str(self.model_dir), max_context=cfg.max_position_embeddings,
+                              vocab_size=cfg.vocab_size, eos_token_ids=tuple(cfg.eos_token_ids))
+
+    def _build(self) -> tuple[Any, Any]:
+        """On the engine thread: load the model, then the trainer and sampler around it."""
+        import torch
+        from transformers import AutoTokenizer
+
+        from tinkerd.engine.model import LlamaModel
+        from tinkerd.engine.sampler import AdapterCache, Sampler
+        from tinkerd.engine.trainer import Trainer
+
+        device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = LlamaModel.load(self.model_dir, device, dtype)
+        packed = os.environ.get("TINKERD_CPU_PACKED", "1") != "0" and model.pack_for_cpu()
+        fused_kernels = model.use_cpu_kernels()
+        if device.type == "cpu":
+            log.info("engine %s: fp32 on CPU, oneDNN prepacked weights %s, fused decode kernels %s", self.name,
+                     "on" if packed else "off", "on" if fused_kernels else "off")
+        adapters = AdapterCache(self._sampler_cache_size, device, dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        return Trainer(model, self.name, adapters.put), Sampler(model, tokenizer, adapters, self.cancellations)
+
+    # -- the door --------------------------------------------------------------------------
+
+    def create_adapter(self, adapter_id: str, spec: LoraSpec) -> Future:
+        return self.scheduler.submit(self.trainer.create_adapter, adapter_id, spec)
+
+    def load_adapter(self, adapter_id: str, directory: str, with_optimizer: bool) -> Future:
+        return self.scheduler.submit_for(adapter_id, self.trainer.load_adapter, adapter_id, directory, with_optimizer)
+
+    def drop_adapter(self, adapter_id: str) -> Future:
+        return self.scheduler.submit(self.trainer.drop_adapter, adapter_id)
+
+    def forward_backward(self, call: ForwardBackwardCall) -> Future:
+        return self.scheduler.submit_forward_backward(call)
+
+    def optim_step(self, adapter_id: str, params: AdamParams) -> Future:
+        return self.scheduler.submit_for(adapter_id, self.trainer.optim_step, adapter_id, params)
+
+    def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool, sampler_key: str | None = None) -> Future:
+        return self.scheduler.submit_for(adapter_id, self.trainer.save_adapter, adapter_id, directory, with_optimizer, sampler_key)
+
+    def sample(self, request: SampleRequest, on_token: Callable[[TokenEvent], None] | None = None) -> Future:
+        from tinkerd.engine.sampler import PendingSample
+
+        self.cancellations.track(request.request_id)
+        return self.scheduler.submit_sample(PendingSample(request, Future(), on_token))
+
+    def cancel(self, request_id: str, sample_index: int | None = None) -> None:
+        self.cancellations.cancel(request_id, sample_index)
+
+    def shutdown(self) -> None:
+        self.scheduler.shutdown()
+
+    # -- in this process only --------------------------------------------------------------
+
+    def run_on_engine_thread(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """fn(*args) on the engine thread, as a barrier. For work that must share the engine's
+        one OpenMP team in this process (the benchmarks' in-process baselines)."""
+        return self.scheduler.submit(fn, *args)

@@ -1,0 +1,378 @@
+"""Sampling for one base model: continuous batching over a shared KV cache.
+
+New requests are prefilled (in shared passes, grouped by adapter) and their rows join the
+running batch; every decode step advances each active row by one token; finished rows
+leave and the cache is compacted. Rows of any number of adapters share a step (grouped
+LoRA). Runs on the engine thread only (the scheduler calls it); requests reach it checked
+by `core/sampling.py`. docs/engine.md tells the rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tinkerd.engine.model import AdapterBatch, AdapterSegment, GroupedLora, KVCache, LlamaModel, LoraStacks, LoraWeights
+from tinkerd.engine.peft_io import read_checkpoint_dir
+from tinkerd.engine.sampling import choose_tokens, make_generator
+from tinkerd.engine.trainer import TOKENS_PER_TRAIN_PASS, token_budget_groups
+from tinkerd.types import AdapterRef, SampledSequence, SampleRequest, SampleResult, TokenEvent
+
+log = logging.getLogger(__name__)
+
+KV_LENGTH_STEP = 256  # the KV cache grows in length as rows need it, not by max_tokens up front
+TokenSink = Callable[[TokenEvent], None]
+
+
+class Cancellations:
+    """Samples whose callers no longer want them (a client hung up, or found a stop string).
+
+    Written from any thread (`EngineClient.cancel`), read by the sampler after each token.
+    Only requests that are queued or running are tracked, so a late cancel leaves nothing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[str, set[int | None]] = {}
+
+    def track(self, request_id: str) -> None:
+        if request_id:
+            with self._lock:
+                self._live.setdefault(request_id, set())
+
+    def cancel(self, request_id: str, sample_index: int | None) -> None:
+        with self._lock:
+            if request_id in self._live:
+                self._live[request_id].add(sample_index)
+
+    def is_cancelled(self, request_id: str, sample_index: int) -> bool:
+        cancelled = self._live.get(request_id)
+        return bool(cancelled) and (None in cancelled or sample_index in cancelled)
+
+    def forget(self, request_id: str) -> None:
+        with self._lock:
+            self._live.pop(request_id, None)
+
+
+@dataclass
+class PendingSample:
+    request: SampleRequest
+    future: Future
+    on_token: TokenSink | None = None
+
+
+@dataclass
+class _ActiveSample:
+    request: SampleRequest
+    future: Future
+    adapter: LoraWeights | None
+    result: SampleResult
+    remaining: int
+    on_token: TokenSink | None
+
+
+@dataclass
+class _Row:
+    request: _ActiveSample
+    index: int
+    generator: torch.Generator
+    position: int  # where the next input token goes
+    last_token: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    topk_ids: list[list[int]] = field(default_factory=list)
+    topk_lps: list[list[float]] = field(default_factory=list)
+    done: bool = False
+
+
+class AdapterCache:
+    """Sampler adapters by key, least recently used first out: a checkpoint is read from disk
+    once, then served from memory (and its decode-kernel layout is kept with it)."""
+
+    def __init__(self, size: int, device: torch.device, dtype: torch.dtype):
+        self._entries: OrderedDict[str, LoraWeights] = OrderedDict()
+        self.size = size
+        self.device = device
+        self.dtype = dtype
+
+    def put(self, key: str, weights: LoraWeights) -> None:
+        self._entries[key] = weights
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def get(self, ref: AdapterRef | None) -> LoraWeights | None:
+        if ref is None:
+            return None
+        cached = self._entries.get(ref.key)
+        if cached is not None:
+            self._entries.move_to_end(ref.key)
+            return cached
+        _, weights = read_checkpoint_dir(Path(ref.directory), self.device)
+        weights = LoraWeights(
+            a={k: v.to(self.dtype) for k, v in weights.a.items()},
+            b={k: v.to(self.dtype) for k, v in weights.b.items()},
+            scale=weights.scale,
+        )
+        self.put(ref.key, weights)
+        return weights
+
+
+class Sampler:
+    def __init__(self, model: LlamaModel, tokenizer, adapters: AdapterCache, cancellations: Cancellations):
+        self.model = model
+        self.cfg = model.cfg
+        self.device = model.device
+        self.dtype = model.dtype
+        self.tokenizer = tokenizer  # for stop strings
+        self.adapters = adapters
+        self.cancellations = cancellations
+        self.max_context = model.cfg.max_position_embeddings
+        self.rows: list[_Row] = []
+        self._cache: KVCache | None = None
+        self._lora_stacks: OrderedDict = OrderedDict()  # adapter set → stacked LoRA weights for mixed decode
+        self.stats = {"decode_steps": 0, "prefill_passes": 0}
+
+    # -- admission -------------------------------------------------------------------------
+
+    def admit(self, pending: list[PendingSample]) -> None:
+        """Prefill every newly arrived request, in shared passes, and add its rows to the batch."""
+        ready: list[tuple[PendingSample, LoraWeights | None]] = []
+        for item in pending:
+            if not item.future.set_running_or_notify_cancel():
+                self.cancellations.forget(item.request.request_id)
+                continue
+            try:
+                ready.append((item, self.adapters.get(item.request.adapter)))
+            except BaseException as exc:  # noqa: BLE001 - this request alone fails
+                self.cancellations.forget(item.request.request_id)
+                item.future.set_exception(exc)
+        # Requests of one adapter side by side: a prefill pass runs one LoRA product per run of
+        # rows with the same adapter (requests alternating between 8 checkpoints made 32 runs).
+        first_seen: dict[int, int] = {}
+        ready.sort(key=lambda item: first_seen.setdefault(id(item[1]), len(first_seen)))
+        for group in token_budget_groups(ready, TOKENS_PER_TRAIN_PASS, key=lambda item: len(item[0].request.prompt)):
+            try:
+                self._prefill(group)
+            except BaseException as exc:  # noqa: BLE001
+                log.exception("prefill failed")
+                for item, _ in group:
+                    if not item.future.done():
+                        self.cancellations.forget(item.request.request_id)
+                        item.future.set_exception(exc)
+
+    def _prefill(self, group: list[tuple[PendingSample, LoraWeights | None]]) -> None:
+        """One causal pass over right-padded prompts (row i uses request i's adapter)."""
+        lengths = [len(item.request.prompt) for item, _ in group]
+        tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        for i, (item, _) in enumerate(group):
+            tokens[i, : lengths[i]] = torch.tensor(item.request.prompt)
+        tokens = tokens.to(self.device)
+        segments: list[AdapterSegment] = []
+        for i, (_, adapter) in enumerate(group):
+            if segments and segments[-1].adapter is adapter:
+                segments[-1].end = i + 1
+            else:
+                segments.append(AdapterSegment(i, i + 1, adapter))
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stats["prefill_passes"] += 1
+        batch = AdapterBatch(segments)
+        hidden = self.model.hidden_states(tokens, batch, kv_out=kv)
+        # Every prompt's last position in one unembedding: its logits give the first token.
+        last_index = torch.tensor([n - 1 for n in lengths], device=self.device)
+        last_hidden = hidden[torch.arange(len(group), device=self.device), last_index][:, None]
+        last_logits = self.model.logits(last_hidden, batch)[:, 0]
+        started: list[tuple[list[_Row], list, int, int]] = []
+        row_sources: list[int] = []
+        for i, (item, adapter) in enumerate(group):
+            request = item.request
+            n = lengths[i]
+            prompt_logits = None
+            if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
+                prompt_logits = self.model.logits(hidden[i : i + 1, :n], AdapterBatch.single(adapter, 1))[0]
+            rows = self._start_request(item, adapter, tokens[i, :n], prompt_logits)
+            if rows:
+                own_kv = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv]
+                started.append((rows, own_kv, n, request.params.max_tokens))
+                row_sources += [i] * len(rows)
+        if not started:
+            return
+        # The first token of every sample of every request in one batched choice.
+        self._accept_tokens([row for rows, *_ in started for row in rows], last_logits[torch.tensor(row_sources, device=self.device)])
+        for rows, own_kv, n, max_tokens in started:
+            live = [row for row in rows if not row.done]
+            if live:
+                self._place_rows(live, own_kv, n, max_tokens)
+
+    def _start_request(
+        self, item: PendingSample, adapter: LoraWeights | None, tokens: torch.Tensor, prompt_logits: torch.Tensor | None
+    ) -> list[_Row]:
+        """A prefilled request's prompt scores (from `prompt_logits`, every position, when it
+        asked for them) and its sample rows, which still need their first token."""
+        request = item.request
+        prompt = request.prompt
+        params = request.params
+        result = SampleResult(sequences=[])
+        if prompt_logits is not None:
+            lsm = torch.log_softmax(prompt_logits[:-1], dim=-1)
+            if request.prompt_logprobs:
+                got = lsm.gather(-1, tokens[1:, None])[:, 0]
+                result.prompt_logprobs = [float("nan")] + got.cpu().tolist()
+                if request.prompt_logprobs_last_n is not None:
+                    cut = max(0, len(prompt) - request.prompt_logprobs_last_n)
+                    result.prompt_logprobs[:cut] = [float("nan")] * cut
+            k = request.topk_prompt_logprobs
+            if k > 0:
+                top = torch.topk(lsm, k, dim=-1)
+                result.topk_prompt_ids = [[0] * k] + top.indices.cpu().tolist()
+                result.topk_prompt_logprobs = [[-99999.0] * k] + top.values.cpu().tolist()
+        active = _ActiveSample(request, item.future, adapter, result, remaining=request.num_samples, on_token=item.on_token)
+        result.sequences = [None] * request.num_samples  # type: ignore[list-item]
+        if params.max_tokens == 0:
+            for i in range(request.num_samples):
+                result.sequences[i] = SampledSequence(tokens=[], logprobs=[], stop_reason="length")
+            self.cancellations.forget(request.request_id)
+            item.future.set_result(result)
+            return []
+        return [
+            _Row(active, i, make_generator(params.seed, i, self.device), position=len(prompt), last_token=-1)
+            for i in range(request.num_samples)
+        ]
+
+    def _place_rows(self, rows: list[_Row], kv: list, prompt_len: int, max_tokens: int) -> None:
+        need_rows = len(self.rows) + len(rows)
+        # max_tokens defaults to the rest of the context (8k for SmolLM2): reserving it all up front
+        # cost GBs per request; decode_step grows the length when a row reaches the end.
+        need_len = prompt_len + min(max_tokens, KV_LENGTH_STEP) + 1
+        if self._cache is None:
+            self._cache = KVCache(self.cfg, max(8, need_rows), max(256, need_len), self.device, self.dtype)
+        elif need_rows > self._cache.rows or need_len > self._cache.length:
+            self._cache = self._cache.grown(
+                max(need_rows, 2 * self._cache.rows if need_rows > self._cache.rows else 0),
+                max(need_len, 2 * self._cache.length if need_len > self._cache.length else 0),
+            )
+        start = len(self.rows)
+        for layer, (k, v) in enumerate(kv):
+            self._cache.k[layer, start : start + len(rows), :, :prompt_len] = k[0]
+            self._cache.v[layer, start : start + len(rows), :, :prompt_len] = v[0]
+        self.rows.extend(rows)
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def _accept_tokens(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Choose the next token of every row from its logits [n, V] and check stop conditions.
+
+        All tensor work is batched; one host transfer brings back every row's token and
+        logprob. Randomness comes from each row's own generator, so a row's token depends
+        only on its seed and its logits.
+        """
+        choice = choose_tokens(logits, [r.request.request.params for r in rows], [r.generator for r in rows])
+        logprobs = torch.log_softmax(logits, dim=-1)
+        picked = logprobs.gather(-1, choice[:, None])[:, 0]
+        k = max(r.request.request.topk_sample_logprobs for r in rows)
+        top = torch.topk(logprobs, k, dim=-1) if k > 0 else None
+        tokens = choice.tolist()
+        token_lps = picked.tolist()
+        top_ids = top.indices.tolist() if top is not None else None
+        top_lps = top.values.tolist() if top is not None else None
+        for i, row in enumerate(rows):
+            active = row.request
+            req = active.request
+            params = req.params
+            token = tokens[i]
+            row.tokens.append(token)
+            row.logprobs.append(token_lps[i])
+            top_pairs = None
+            if req.topk_sample_logprobs > 0:
+                row.topk_ids.append(top_ids[i][: req.topk_sample_logprobs])
+                row.topk_lps.append(top_lps[i][: req.topk_sample_logprobs])
+                top_pairs = tuple(zip(row.topk_ids[-1], row.topk_lps[-1], strict=True))
+            if active.on_token is not None:
+                active.on_token(TokenEvent(row.index, token, row.logprobs[-1], top_pairs))
+            row.last_token = token
+            stop = (not params.ignore_eos and token in self.cfg.eos_token_ids) or token in params.stop_token_ids
+            if not stop and params.stop_strings:
+                text = self.tokenizer.decode(row.tokens[-64:], skip_special_tokens=False)
+                stop = any(s in text for s in params.stop_strings)
+            if not stop and req.request_id:
+                stop = self.cancellations.is_cancelled(req.request_id, row.index)
+            if stop or len(row.tokens) >= params.max_tokens:
+                self._finish_row(row, "stop" if stop else "length")
+
+    def _finish_row(self, row: _Row, reason: str) -> None:
+        row.done = True
+        active = row.request
+        active.result.sequences[row.index] = SampledSequence(
+            tokens=row.tokens,
+            logprobs=row.logprobs,
+            stop_reason=reason,
+            topk_ids=row.topk_ids or None,
+            topk_logprobs=row.topk_lps or None,
+        )
+        active.remaining -= 1
+        if active.remaining == 0 and not active.future.done():
+            self.cancellations.forget(active.request.request_id)
+            active.future.set_result(active.result)
+
+    # -- decode ----------------------------------------------------------------------------
+
+    def decode_step(self) -> None:
+        self.stats["decode_steps"] += 1
+        rows = self.rows
+        n = len(rows)
+        need_len = max(r.position for r in rows) + 1
+        if self._cache is not None and need_len > self._cache.length:
+            self._cache = self._cache.grown(self._cache.rows, max(need_len, min(2 * self._cache.length, self.max_context + 1)))
+        tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
+        positions = torch.tensor([[r.position] for r in rows], device=self.device)
+        batch = row_adapter_batch([r.request.adapter for r in rows], self.device, self._lora_stacks, self.model.kernels)
+        hidden = self.model.hidden_states(tokens, batch, positions=positions, cache=self._cache)
+        logits = self.model.logits(hidden, batch, decoding=True)[:, 0]
+        for row in rows:
+            row.position += 1
+        self._accept_tokens(rows, logits)
+        # Compact: live rows move down, in order, to 0..m-1 (their cache rows with them).
+        cache = self._cache
+        if any(row.done for row in rows):
+            live = [i for i in range(n) if not rows[i].done]
+            for dst, src in enumerate(live):
+                if dst != src:
+                    cache.move_row(src, dst)
+            self.rows = [rows[i] for i in live]
+
+    def fail_all(self, exc: BaseException) -> None:
+        """A decode step failed: every active request fails with it; the engine keeps serving."""
+        for row in self.rows:
+            if not row.request.future.done():
+                self.cancellations.forget(row.request.request.request_id)
+                row.request.future.set_exception(exc)
+        self.rows.clear()
+
+
+def row_adapter_batch(
+    adapters: list[LoraWeights | None], device: torch.device, stack_cache: OrderedDict, kernels=None,
+) -> AdapterBatch:
+    """Decode rows by adapter: the base alone → plain; otherwise grouped batched LoRA (with
+    cached stacks, q/k/v and gate/up updates fused), even when every row has one adapter."""
+    if all(a is None for a in adapters):
+        return AdapterBatch.single(None, len(adapters))
+    # The set of adapters, in a fixed order whatever the rows' order: rows arriving in another
+    # order (or a row leaving and joining) must find the stacks already built, not copy them again.
+    distinct = sorted({id(a): a for a in adapters}.values(), key=id)
+    order = {id(a): g for g, a in enumerate(distinct)}
+    key = tuple(order)
+    stacks = stack_cache.get(key)
+    if stacks is None:
+        stacks = stack_cache[key] = LoraStacks(tuple(distinct))
+        while len(stack_cache) > 4:
+            stack_cache.popitem(last=False)
+    stack_cache.move_to_end(key)
+    grouped = GroupedLora.build(stacks, [order[id(a)] for a in adapters], device, kernels)
+    return AdapterBatch([AdapterSegment(0, len(adapters), None)], grouped=grouped)

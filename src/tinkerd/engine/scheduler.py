@@ -1,0 +1,202 @@
+"""The engine thread of one base model: what runs, and when.
+
+One thread runs every tensor operation of the engine, model loading included. OpenMP
+keeps a thread team per thread that has run a parallel region; once two teams exist on a
+2-core machine, libgomp counts more threads than cores and stops spin-waiting, and every
+small parallel operation of a decode step paid a wake-up (5-8x slower).
+
+Its loop interleaves two kinds of work (docs/engine.md):
+  * queued jobs run one at a time, in submission order — the core submits each model's
+    requests in `seq_id` order. Jobs tagged with an adapter let other adapters'
+    forward/backward calls be batched past them; untagged jobs are barriers. A
+    forward/backward call takes the queued calls of other adapters (of the same kind,
+    none of whose adapter's requests are queued before it) into one shared pass;
+  * sampling is continuous batching: new requests are prefilled and join the running
+    batch, every active row advances one token per decode step, finished ones leave.
+A training job runs between two decode steps, so sampling continues while models train.
+
+This module decides; the trainer and the sampler do the math.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tinkerd.engine.sampler import PendingSample, Sampler
+from tinkerd.engine.trainer import Trainer
+from tinkerd.types import ForwardBackwardCall, UserError
+
+log = logging.getLogger(__name__)
+
+# An idle engine that receives a sample request waits until arrivals pause for ADMIT_QUIET_S
+# (at most ADMIT_MAX_S) before its prefill: requests sent together (an RL batch, `n` OpenAI
+# calls) arrive over tens of milliseconds while the server parses them, and one shared
+# prefill beats a one-request prefill competing with that parsing for the CPU and the GIL.
+ADMIT_QUIET_S = 0.015
+ADMIT_MAX_S = 0.15
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any] | None
+    future: Future
+    adapter_id: str | None = None  # None: a barrier nothing is batched across
+    call: ForwardBackwardCall | None = None
+
+
+class Scheduler:
+    """Owns the engine thread. `build` runs first on it and returns the trainer and sampler."""
+
+    def __init__(self, name: str, build: Callable[[], tuple[Trainer, Sampler]]):
+        self.name = name
+        self._stopped = False
+        self._cv = threading.Condition()
+        self._jobs: deque[_Job] = deque()
+        self._new_samples: deque[PendingSample] = deque()
+        self.admit_quiet_s, self.admit_max_s = ADMIT_QUIET_S, ADMIT_MAX_S
+        self.trainer: Trainer
+        self.sampler: Sampler
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._loop, args=(build, built), name=f"engine-{name}", daemon=True)
+        self._thread.start()
+        built.result()
+
+    # -- submission (any thread) -----------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn on the engine thread as a barrier: nothing is batched across it."""
+        return self._enqueue(_Job(lambda: fn(*args), Future()))
+
+    def submit_for(self, adapter_id: str, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run fn on the engine thread as a request of `adapter_id` (other adapters may batch past it)."""
+        return self._enqueue(_Job(lambda: fn(*args), Future(), adapter_id=adapter_id))
+
+    def submit_forward_backward(self, call: ForwardBackwardCall) -> Future:
+        """A forward/backward that may share one pass with other adapters' queued calls."""
+        return self._enqueue(_Job(None, Future(), adapter_id=call.adapter_id, call=call))
+
+    def _enqueue(self, job: _Job) -> Future:
+        with self._cv:
+            self._jobs.append(job)
+            self._cv.notify()
+        return job.future
+
+    def submit_sample(self, pending: PendingSample) -> Future:
+        with self._cv:
+            self._new_samples.append(pending)
+            self._cv.notify()
+        return pending.future
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # -- the loop (engine thread) ----------------------------------------------------------
+
+    def _loop(self, build: Callable[[], tuple[Trainer, Sampler]], built: Future) -> None:
+        torch.set_grad_enabled(False)
+        try:
+            self.trainer, self.sampler = build()
+        except BaseException as exc:  # noqa: BLE001 - reported by the constructor
+            built.set_exception(exc)
+            return
+        built.set_result(None)
+        sampler = self.sampler
+        while True:
+            with self._cv:
+                while not (self._stopped or self._jobs or self._new_samples or sampler.rows):
+                    self._cv.wait()
+                if self._stopped:
+                    return
+                job = self._jobs.popleft() if self._jobs else None
+                if job is None and not sampler.rows and self._new_samples:
+                    self._await_arrivals()
+                new_samples = list(self._new_samples)
+                self._new_samples.clear()
+            if job is not None and job.call is not None:
+                self._run_forward_backward([job, *self._take_batchable(job)])
+            elif job is not None and job.future.set_running_or_notify_cancel():
+                try:
+                    job.future.set_result(job.fn())
+                except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                    if not isinstance(exc, UserError):
+                        log.exception("engine job failed")
+                    job.future.set_exception(exc)
+            if new_samples:
+                with torch.inference_mode():
+                    sampler.admit(new_samples)
+            if sampler.rows:
+                try:
+                    with torch.inference_mode():
+                        sampler.decode_step()
+                except BaseException as exc:  # noqa: BLE001 - fail every active request, keep serving
+                    log.exception("decode step failed")
+                    sampler.fail_all(exc)
+
+    def _await_arrivals(self) -> None:
+        """Hold (with `_cv` held by the caller) until sample arrivals pause; see ADMIT_QUIET_S."""
+        deadline = time.monotonic() + self.admit_max_s
+        while not self._stopped and not self._jobs:
+            seen = len(self._new_samples)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(min(self.admit_quiet_s, left))
+            if len(self._new_samples) == seen:
+                return
+
+    def _take_batchable(self, first: _Job) -> list[_Job]:
+        """Queued forward/backward calls of other adapters that may run in `first`'s pass.
+
+        A call joins only if nothing of its adapter is queued before it (each adapter's
+        requests keep their order) and no untagged barrier job comes first.
+        """
+        taken: list[_Job] = []
+        seen = {first.adapter_id}
+        with self._cv:
+            for job in list(self._jobs):
+                if job.adapter_id is None:
+                    break
+                if job.adapter_id in seen:
+                    continue
+                seen.add(job.adapter_id)
+                if job.call is not None and job.call.forward_only == first.call.forward_only:
+                    taken.append(job)
+            for job in taken:
+                self._jobs.remove(job)
+        return taken
+
+    def _run_forward_backward(self, jobs: list[_Job]) -> None:
+        """Each call is checked alone (a bad one fails alone); the rest share passes."""
+        ready = []
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                ready.append((job, self.trainer.prepare(job.call)))
+            except BaseException as exc:  # noqa: BLE001 - this call alone fails
+                if not isinstance(exc, UserError):
+                    log.exception("forward_backward validation failed")
+                job.future.set_exception(exc)
+        if not ready:
+            return
+        try:
+            results = self.trainer.forward_backward([prepared for _, prepared in ready], ready[0][0].call.forward_only)
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("forward_backward failed")
+            for job, _ in ready:
+                job.future.set_exception(exc)
+            return
+        for (job, _), result in zip(ready, results, strict=True):
+            job.future.set_result(result)

@@ -1,0 +1,308 @@
+"""Training for one base model: LoRA adapters, their AdamW state, forward/backward passes,
+and saving / loading them as PEFT checkpoints.
+
+Runs on the engine thread only (the scheduler calls it). Calls of several adapters may
+share one pass: each adapter's LoRA sees only its own rows, so its gradient comes only
+from its own datums. docs/engine.md says how passes are cut.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinkerd.engine import losses
+from tinkerd.engine.model import AdapterBatch, AdapterSegment, LlamaModel, LoraWeights, init_lora, lora_module_paths
+from tinkerd.engine.peft_io import read_checkpoint_dir, read_optimizer, write_checkpoint_dir
+from tinkerd.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec, TrainResult, UserError
+
+TOKENS_PER_TRAIN_PASS = 4096  # caps activation memory of one forward/backward pass (or prefill)
+# On CPU a training pass stays within this many padded tokens (more passes, the gradients
+# summed): past ~1k tokens the activations and [tokens, vocab] logits outgrow the caches and
+# tokens/s fell (2048 tokens in one pass: ~185 tok/s against ~250 in passes of 512, on 2 cores).
+CPU_TOKENS_PER_TRAIN_PASS = 512
+
+
+@dataclass
+class TrainableAdapter:
+    spec: LoraSpec
+    weights: LoraWeights
+    optimizer: torch.optim.AdamW
+    params: dict[str, torch.nn.Parameter]
+
+
+@dataclass
+class PreparedCall:
+    """A validated forward/backward call, ready to share a pass with others."""
+
+    adapter: TrainableAdapter
+    datums: list[Datum]
+    loss_fn: str
+    config: dict
+
+
+class Trainer:
+    def __init__(self, model: LlamaModel, base_model: str, on_sampler_snapshot: Callable[[str, LoraWeights], None]):
+        self.model = model
+        self.cfg = model.cfg
+        self.device = model.device
+        self.base_model = base_model
+        self.adapters: dict[str, TrainableAdapter] = {}
+        # save_adapter with a sampler key hands a snapshot to the sampler's cache, so the first
+        # sample of a fresh checkpoint does not wait for a disk read.
+        self._on_sampler_snapshot = on_sampler_snapshot
+        self.train_pass_tokens = CPU_TOKENS_PER_TRAIN_PASS if self.device.type == "cpu" else TOKENS_PER_TRAIN_PASS
+        self.stats = {"forward_backward_calls": 0, "forward_backward_passes": 0}
+
+    # -- adapters --------------------------------------------------------------------------
+
+    def _new_trainable(self, spec: LoraSpec, weights: LoraWeights | None = None) -> TrainableAdapter:
+        if weights is None:
+            paths = lora_module_paths(self.cfg, spec.train_attn, spec.train_mlp, spec.train_unembed)
+            weights = init_lora(self.cfg, paths, spec.rank, spec.alpha, spec.seed, self.device)
+        params: dict[str, torch.nn.Parameter] = {}
+        for path in weights.a:
+            params[f"{path}.A"] = torch.nn.Parameter(weights.a[path].float().clone())
+            params[f"{path}.B"] = torch.nn.Parameter(weights.b[path].float().clone())
+            weights.a[path] = params[f"{path}.A"]
+            weights.b[path] = params[f"{path}.B"]
+        optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        return TrainableAdapter(spec=spec, weights=weights, optimizer=optimizer, params=params)
+
+    def create_adapter(self, adapter_id: str, spec: LoraSpec) -> None:
+        if spec.rank < 1:
+            raise UserError(f"lora rank must be >= 1, got {spec.rank}")
+        if not (spec.train_attn or spec.train_mlp or spec.train_unembed):
+            raise UserError("at least one of train_attn, train_mlp, train_unembed must be true")
+        self.adapters[adapter_id] = self._new_trainable(spec)
+
+    def drop_adapter(self, adapter_id: str) -> None:
+        self.adapters.pop(adapter_id, None)
+
+    def adapter(self, adapter_id: str) -> TrainableAdapter:
+        try:
+            return self.adapters[adapter_id]
+        except KeyError:
+            raise UserError(f"model {adapter_id!r} is not loaded") from None
+
+    def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool, sampler_key: str | None = None) -> int:
+        """Write the adapter (and optionally its optimizer) to `directory`; returns bytes written."""
+        adapter = self.adapter(adapter_id)
+        spec = adapter.spec
+        opt_tensors = opt_meta = None
+        if with_optimizer:
+            opt_tensors, opt_meta = self._optimizer_tensors(adapter)
+        extra = {"train_attn": spec.train_attn, "train_mlp": spec.train_mlp, "train_unembed": spec.train_unembed, "seed": spec.seed}
+        size = write_checkpoint_dir(Path(directory), adapter.weights, spec.rank, spec.alpha, self.base_model, extra,
+                                    opt_tensors, opt_meta)
+        if sampler_key is not None:
+            weights = adapter.weights
+            self._on_sampler_snapshot(sampler_key, LoraWeights(
+                a={k: v.detach().clone() for k, v in weights.a.items()},
+                b={k: v.detach().clone() for k, v in weights.b.items()},
+                scale=weights.scale,
+            ))
+        return size
+
+    @staticmethod
+    def _optimizer_tensors(adapter: TrainableAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors: dict[str, torch.Tensor] = {}
+        steps: dict[str, str] = {}
+        for name, param in adapter.params.items():
+            state = adapter.optimizer.state.get(param)
+            if not state:
+                continue
+            tensors[f"{name}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
+            tensors[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
+            steps[name] = str(float(state["step"]))
+        return tensors, {"steps": json.dumps(steps)}
+
+    def load_adapter(self, adapter_id: str, directory: str, with_optimizer: bool) -> LoraSpec:
+        """Create (or replace) a trainable adapter from a checkpoint directory."""
+        config, weights = read_checkpoint_dir(Path(directory), self.device)
+        extra = config.get("tinkerd", {})
+        paths = list(weights.a)
+        spec = LoraSpec(
+            rank=int(config["r"]),
+            train_attn=extra.get("train_attn", any(".self_attn." in p for p in paths)),
+            train_mlp=extra.get("train_mlp", any(".mlp." in p for p in paths)),
+            train_unembed=extra.get("train_unembed", "lm_head" in paths),
+            seed=int(extra.get("seed", 0)),
+            alpha=float(config["lora_alpha"]),
+        )
+        expected = set(lora_module_paths(self.cfg, spec.train_attn, spec.train_mlp, spec.train_unembed))
+        unknown = set(paths) - set(lora_module_paths(self.cfg, True, True, True))
+        if unknown:
+            raise UserError(f"checkpoint has LoRA weights for modules this model does not have: {sorted(unknown)[:3]}")
+        missing = sorted(expected - set(paths))
+        if missing:
+            # A PEFT adapter may target a subset of a flag's modules: the rest start as a fresh
+            # LoRA (random A, zero B) — unchanged outputs, but trainable (zero A and B would
+            # never receive a gradient).
+            fresh = init_lora(self.cfg, missing, spec.rank, spec.alpha, spec.seed, self.device)
+            weights.a.update(fresh.a)
+            weights.b.update(fresh.b)
+        adapter = self._new_trainable(spec, weights)
+        if with_optimizer:
+            loaded = read_optimizer(Path(directory))
+            if loaded is None:
+                raise UserError(f"checkpoint {Path(directory).name} has no optimizer state")
+            tensors, meta = loaded
+            steps = json.loads(meta.get("steps", "{}"))
+            for name, param in adapter.params.items():
+                if f"{name}.exp_avg" in tensors:
+                    adapter.optimizer.state[param] = {
+                        "step": torch.tensor(float(steps.get(name, 0.0))),
+                        "exp_avg": tensors[f"{name}.exp_avg"].to(self.device),
+                        "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(self.device),
+                    }
+        self.adapters[adapter_id] = adapter
+        return spec
+
+    # -- forward / backward ----------------------------------------------------------------
+
+    def prepare(self, call: ForwardBackwardCall) -> PreparedCall:
+        """Check one call against its adapter, the model and its loss; raises UserError."""
+        adapter = self.adapter(call.adapter_id)
+        config = losses.validate_loss_request(call.loss_fn, call.config)
+        self._validate_datums(call.datums, call.loss_fn)
+        return PreparedCall(adapter, call.datums, call.loss_fn, config)
+
+    def _check_tokens(self, tokens: np.ndarray, what: str) -> None:
+        vocab = self.cfg.vocab_size
+        if tokens.size == 0:
+            raise UserError(f"{what} is empty")
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            bad = int(tokens[(tokens < 0) | (tokens >= vocab)][0])
+            raise UserError(f"{what} contains token id {bad}, outside the vocabulary [0, {vocab})")
+
+    def _validate_datums(self, datums: list[Datum], loss_fn: str) -> None:
+        if not datums:
+            raise UserError("forward_backward needs at least one datum")
+        context = self.cfg.max_position_embeddings
+        for i, datum in enumerate(datums):
+            n = len(datum.tokens)
+            self._check_tokens(np.asarray(datum.tokens), f"datum {i} model_input")
+            if n > context:
+                raise UserError(f"datum {i} has {n} tokens, more than the model's context length {context}")
+            targets = datum.inputs.get("target_tokens")
+            if targets is None:
+                raise UserError(f"datum {i} has no loss_fn_inputs['target_tokens']")
+            if targets.size and (targets.min() < 0 or targets.max() >= self.cfg.vocab_size):
+                raise UserError(f"datum {i} target_tokens contains an id outside the vocabulary [0, {self.cfg.vocab_size})")
+            try:
+                tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in datum.inputs.items()}
+                losses.validate_datum_inputs(loss_fn, tensors, n)
+                if datum.stability is not None and "advantages" in tensors:
+                    losses.validate_stability_info(tensors["advantages"], _stability(datum))
+            except losses.LossInputError as exc:
+                raise UserError(f"datum {i}: {exc}") from None
+
+    def forward_backward(self, calls: list[PreparedCall], forward_only: bool) -> list[TrainResult]:
+        """Prepared calls, possibly of different adapters, in shared passes of at most
+        `train_pass_tokens` padded tokens (a longer datum has a pass of its own)."""
+        self.stats["forward_backward_calls"] += len(calls)
+        flat = [(c, d) for c, call in enumerate(calls) for d in call.datums]
+        outputs: list[list[dict[str, np.ndarray]]] = [[] for _ in calls]
+        metrics: list[list[dict[str, float]]] = [[] for _ in calls]
+        for group in token_budget_groups(flat, self.train_pass_tokens, key=lambda item: len(item[1].tokens)):
+            self._pass(calls, group, forward_only, outputs, metrics)
+        return [TrainResult(outputs=o, metrics=losses.reduce_metrics(m)) for o, m in zip(outputs, metrics, strict=True)]
+
+    def _pass(
+        self,
+        calls: list[PreparedCall],
+        group: list[tuple[int, Datum]],
+        forward_only: bool,
+        outputs: list[list[dict[str, np.ndarray]]],
+        metrics: list[list[dict[str, float]]],
+    ) -> None:
+        lengths = [len(d.tokens) for _, d in group]
+        tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
+        for i, (_, d) in enumerate(group):
+            tokens[i, : lengths[i]] = torch.from_numpy(d.tokens.astype(np.int64))
+        tokens = tokens.to(self.device)
+        segments: list[AdapterSegment] = []
+        for i, (c, _) in enumerate(group):  # rows of one call are contiguous in `group`
+            if segments and segments[-1].adapter is calls[c].adapter.weights:
+                segments[-1].end = i + 1
+            else:
+                segments.append(AdapterSegment(i, i + 1, calls[c].adapter.weights))
+        self.stats["forward_backward_passes"] += 1
+        with torch.set_grad_enabled(not forward_only):
+            batch = AdapterBatch(segments)
+            hidden = self.model.hidden_states(tokens, batch)
+            logits = self.model.logits(hidden, batch)
+            # Every datum's target logprobs from one log-softmax and one gather over the whole
+            # batch: slicing the [B, T, V] logits per datum would make each slice's backward
+            # allocate and zero a tensor of the full logits' size. (log_softmax's fused
+            # backward is one pass; logsumexp's is three over the full logits.)
+            targets = [torch.from_numpy(np.ascontiguousarray(d.inputs["target_tokens"])).long() for _, d in group]
+            flat = [t.reshape(t.shape[0], -1) for t in targets]  # [N] or [N, K] → [N, K]
+            padded = torch.zeros(len(group), logits.shape[1], max(t.shape[1] for t in flat), dtype=torch.long)
+            for i, t in enumerate(flat):
+                padded[i, : t.shape[0], : t.shape[1]] = t
+            picked = torch.log_softmax(logits, dim=-1).gather(-1, padded.to(self.device))
+            total = None
+            for i, (c, d) in enumerate(group):
+                call = calls[c]
+                inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in d.inputs.items()}
+                target_lp = picked[i, : flat[i].shape[0], : flat[i].shape[1]].reshape(targets[i].shape)
+                stability = _stability(d, self.device) if d.stability is not None else None
+                result = losses.compute_datum_loss(call.loss_fn, target_lp, inputs, call.config, stability)
+                total = result.loss if total is None else total + result.loss
+                out = {"logprobs": target_lp.detach().float().cpu().numpy()}
+                out.update({k: v.detach().float().cpu().numpy() for k, v in result.extra_outputs.items()})
+                outputs[c].append(out)
+                metrics[c].append(result.metrics)
+            if not forward_only and total is not None and total.requires_grad:
+                total.backward()
+
+    # -- optimizer -------------------------------------------------------------------------
+
+    def optim_step(self, adapter_id: str, params: AdamParams) -> dict[str, float]:
+        adapter = self.adapter(adapter_id)
+        for name, value in (("learning_rate", params.learning_rate), ("eps", params.eps)):
+            if not np.isfinite(value) or value < 0:
+                raise UserError(f"adam_params.{name} must be a finite non-negative number, got {value}")
+        for group in adapter.optimizer.param_groups:
+            group["lr"] = params.learning_rate
+            group["betas"] = (params.beta1, params.beta2)
+            group["eps"] = params.eps
+            group["weight_decay"] = params.weight_decay
+        grads = [p.grad for p in adapter.params.values() if p.grad is not None]
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()) if grads else 0.0
+        if params.grad_clip_norm > 0 and grads:
+            torch.nn.utils.clip_grad_norm_(list(adapter.params.values()), params.grad_clip_norm)
+        with torch.enable_grad():
+            adapter.optimizer.step()
+        adapter.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm:mean": grad_norm}
+
+
+def _stability(datum: Datum, device: torch.device | None = None) -> losses.StabilityInfo:
+    sampler_lp, mask = datum.stability  # type: ignore[misc]
+    return losses.StabilityInfo(
+        sampler_logprobs=torch.from_numpy(sampler_lp).to(device or "cpu"),
+        sampled_mask=torch.from_numpy(mask).to(device or "cpu"),
+    )
+
+
+def token_budget_groups(items: list, budget: int, key: Callable[[Any], int]) -> list[list]:
+    """Consecutive groups whose padded size (rows × longest) stays within `budget`."""
+    groups: list[list] = [[]]
+    longest = 0
+    for item in items:
+        longest_next = max(longest, key(item))
+        if groups[-1] and longest_next * (len(groups[-1]) + 1) > budget:
+            groups.append([])
+            longest_next = key(item)
+        groups[-1].append(item)
+        longest = longest_next
+    return [g for g in groups if g]
