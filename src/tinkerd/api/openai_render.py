@@ -24,6 +24,13 @@ class Detokenizer:
     bytes of an incomplete UTF-8 character (decoded as U+FFFD) until the token that
     completes it arrives. The context tokens let tokenizers that drop a leading space at
     the start of a decode (SentencePiece) get the first generated word right.
+
+    Not `tokenizers.decoders.DecodeStream`, which does the same for most text but not for
+    two cases a completion meets: prefilled with the prompt's last tokens, it emits the
+    prompt's own text when the prompt ends inside a multi-byte character; and it never
+    gives out an incomplete last character, so a completion cut there by max_tokens would
+    stream other text than `tokenizer.decode` of its tokens (this class ends it with U+FFFD,
+    as `decode` does).
     """
 
     CONTEXT_TOKENS = 6

@@ -2,7 +2,7 @@
 
 Requests are parsed with the SDK's own pydantic types and protobuf messages, translated
 to plain values for the core layer, and results translated back. docs/wire-protocol.md
-describes the protocol and the traps this file handles.
+describes the protocol, and its §7 the traps this file handles.
 """
 
 from __future__ import annotations

@@ -133,7 +133,8 @@ class Service:
             await asyncio.sleep(min(5.0, self.session_timeout / 4))
             try:
                 self.expire_idle_sessions()
-                self.delete_expired_checkpoints()
+                # Deleting files and rows waits on the disk: not on the event loop.
+                await asyncio.wrap_future(self._bookkeeping.submit(self.delete_expired_checkpoints))
                 self.stability.expire()
             except Exception:  # noqa: BLE001 - the janitor must keep running
                 log.exception("janitor pass failed")
@@ -250,10 +251,7 @@ class Service:
         if seq_id is not None and seq_id in state.seen:
             return state.seen[seq_id]  # a retry: same future, no second execution
         entry = self.futures.create(kind, state.session_id)
-        with self.db.begin() as s:
-            run = s.get(RunRow, model_id)
-            if run is not None:
-                run.last_request_time = utcnow()
+        self._bookkeeping.submit(self._note_request, model_id, utcnow())
         if seq_id is None or seq_id < state.next_seq:
             self._chain(submit(), entry, on_done)
             return entry
@@ -266,6 +264,14 @@ class Service:
         for old in [s for s in state.seen if s < state.next_seq - _SEEN_WINDOW]:
             del state.seen[old]
         return entry
+
+    def _note_request(self, run_id: str, when: dt.datetime) -> None:
+        """The run's last_request_time (RestClient shows it), written on the bookkeeping thread:
+        a commit waits for the disk, and the event loop must not."""
+        with self.db.begin() as s:
+            run = s.get(RunRow, run_id)
+            if run is not None:
+                run.last_request_time = when
 
     def skip_seq(self, model_id: str, seq_id: int | None) -> None:
         """Consume a seq_id whose request was refused at submission.

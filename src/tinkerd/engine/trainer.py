@@ -72,7 +72,10 @@ class Trainer:
             params[f"{path}.B"] = torch.nn.Parameter(weights.b[path].float().clone())
             weights.a[path] = params[f"{path}.A"]
             weights.b[path] = params[f"{path}.B"]
-        optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
+        # fused: one kernel updates every tensor of the adapter (r=8 on attention and MLP is 420
+        # small tensors for SmolLM2; stepping them one by one cost a small step ~10 % of its time).
+        optimizer = torch.optim.AdamW(list(params.values()), lr=1e-4, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0,
+                                      fused=True)
         return TrainableAdapter(spec=spec, weights=weights, optimizer=optimizer, params=params)
 
     def create_adapter(self, adapter_id: str, spec: LoraSpec) -> None:
@@ -158,7 +161,7 @@ class Trainer:
             for name, param in adapter.params.items():
                 if f"{name}.exp_avg" in tensors:
                     adapter.optimizer.state[param] = {
-                        "step": torch.tensor(float(steps.get(name, 0.0))),
+                        "step": torch.tensor(float(steps.get(name, 0.0)), dtype=torch.float32, device=param.device),
                         "exp_avg": tensors[f"{name}.exp_avg"].to(self.device),
                         "exp_avg_sq": tensors[f"{name}.exp_avg_sq"].to(self.device),
                     }
@@ -277,9 +280,10 @@ class Trainer:
             group["eps"] = params.eps
             group["weight_decay"] = params.weight_decay
         grads = [p.grad for p in adapter.params.values() if p.grad is not None]
-        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()) if grads else 0.0
-        if params.grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grad_norm_(list(adapter.params.values()), params.grad_clip_norm)
+        total_norm = torch.nn.utils.get_total_norm(grads) if grads else None  # one foreach pass over every gradient
+        grad_norm = float(total_norm) if total_norm is not None else 0.0
+        if params.grad_clip_norm > 0 and total_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(list(adapter.params.values()), params.grad_clip_norm, total_norm)
         with torch.enable_grad():
             adapter.optimizer.step()
         adapter.optimizer.zero_grad(set_to_none=True)
