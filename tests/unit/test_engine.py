@@ -31,6 +31,17 @@ def train(engine, adapter_id: str, datums: list[Datum]):
     return engine.forward_backward(ForwardBackwardCall(adapter_id, datums, "cross_entropy", {}, False)).result()
 
 
+def gradients(engine, adapter_id: str) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in engine.trainer.adapters[adapter_id].params.items() if p.grad is not None}
+
+
+def assert_same_gradient(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to float32 rounding: passes of other shapes run their matmuls in other blocks, so
+    sums differ in their last bits (on CPUs with AMX, by up to ~1e-5 of the largest entry). A
+    gradient that took in another adapter's rows would differ by the size of its entries."""
+    torch.testing.assert_close(got, want, atol=1e-4 * want.abs().max().item(), rtol=1e-3)
+
+
 def test_logits_match_transformers(engine, model_dir):
     from transformers import AutoModelForCausalLM
 
@@ -121,6 +132,7 @@ def test_calls_of_different_adapters_share_a_pass_and_keep_their_own_gradients(e
         engine.create_adapter(name, LoraSpec(rank=4, seed=1 if name != "b" else 2)).result()
     other = np.array([1, 77, 78, 79, 80, 81, 2], dtype=np.int64)
     solo = train(engine, "solo", [datum()])
+    solo_grads = gradients(engine, "solo")
     engine.optim_step("solo", AdamParams(learning_rate=1e-2)).result()
 
     # Hold the engine thread so both calls are queued, then release: they must run as one pass.
@@ -140,11 +152,10 @@ def test_calls_of_different_adapters_share_a_pass_and_keep_their_own_gradients(e
     assert ra.metrics["loss:sum"] == pytest.approx(solo.metrics["loss:sum"], rel=1e-5)
     np.testing.assert_allclose(ra.outputs[0]["logprobs"], solo.outputs[0]["logprobs"], atol=1e-5, rtol=1e-5)
     assert rb.outputs[0]["logprobs"].shape == (len(other) - 1,)
-    engine.optim_step("a", AdamParams(learning_rate=1e-2)).result()
-    adapters = engine.trainer.adapters
-    for path in adapters["a"].weights.a:
-        torch.testing.assert_close(adapters["a"].weights.a[path], adapters["solo"].weights.a[path], atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(adapters["a"].weights.b[path], adapters["solo"].weights.b[path], atol=1e-6, rtol=1e-5)
+    a_grads = gradients(engine, "a")
+    assert a_grads.keys() == solo_grads.keys() and any(g.abs().sum() > 0 for g in solo_grads.values())
+    for name, grad in solo_grads.items():
+        assert_same_gradient(a_grads[name], grad)
 
 
 def test_a_call_larger_than_one_pass_runs_in_several_and_sums_their_gradients(engine):
@@ -172,7 +183,7 @@ def test_a_call_larger_than_one_pass_runs_in_several_and_sums_their_gradients(en
     grads = {name: trainer.adapters[name].weights.b for name in ("whole", "split")}
     for path, weight in grads["whole"].items():
         assert weight.grad is not None and weight.grad.abs().sum() > 0
-        torch.testing.assert_close(grads["split"][path].grad, weight.grad, atol=1e-6, rtol=1e-4)
+        assert_same_gradient(grads["split"][path].grad, weight.grad)
 
 
 def test_concurrent_samples_share_decode_steps_and_stay_deterministic(engine):
