@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tinkerd.engine import cpu_kernels
+from tinkerd.engine.cpu import kernels as cpu_kernels
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tinkerd.engine import cpu_kernels
+from tinkerd.engine.cpu import kernels as cpu_kernels
 
 B, H, KVH, D = 5, 9, 3, 64
 

@@ -1,4 +1,4 @@
-"""Fused float32 CPU kernels for the decode step (cpu_kernels.c), compiled on first use.
+"""Fused float32 CPU kernels for the decode step (kernels.c), compiled on first use.
 
 The C source ships with the package and is built once per machine with the system C
 compiler into a cache directory (`TINKERD_KERNEL_DIR`, default `~/.cache/tinkerd/kernels`),
@@ -25,7 +25,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]  # no-trapping-math: vectorised clamps
 
 _p, _i, _i64, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -116,7 +116,7 @@ class CpuKernels:
 
     def lora_grouped(self, x: torch.Tensor, order: torch.Tensor, offsets: torch.Tensor, blocks: LoraBlocks,
                      out: torch.Tensor) -> None:
-        """out[row] += that row's adapter update, for rows of several adapters (cpu_kernels.c).
+        """out[row] += that row's adapter update, for rows of several adapters (kernels.c).
 
         x [n, in]; `order` int32 [n]: the rows adapter by adapter; `offsets` int32 [G + 1]:
         where each adapter's rows start in `order`; out [n, ≥ every part's output], in place."""

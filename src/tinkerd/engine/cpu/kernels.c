@@ -3,8 +3,8 @@
  * Between two matmuls a decode step does little arithmetic but many small tensor
  * operations (rotary embedding, cache writes, attention over the cached span, residual
  * add + RMSNorm); each of these kernels does one such stretch in a single
- * pass over memory. Same math as the torch path in model.py, in float32; results agree
- * with it to float32 rounding. Loaded through ctypes by cpu_kernels.py; threads come from
+ * pass over memory. Same math as the torch path in model/llama.py, in float32; results agree
+ * with it to float32 rounding. Loaded through ctypes by kernels.py; threads come from
  * the OpenMP runtime torch already loaded (same soname), so they share one pool.
  */
 #include <math.h>
