@@ -14,7 +14,6 @@ they work while the server runs.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from tinkerd.atomic_dir import replaced_atomically
 from tinkerd.core.db import CheckpointRow, RunRow, SessionRow, open_database
 from tinkerd.core.paths import TinkerPath, check_checkpoint_name
 from tinkerd.core.registry import Registry
@@ -125,21 +125,13 @@ def export_merged(
     merged.to(getattr(torch, dtype))
     merged.config._name_or_path = f"{base.name} + {ckpt.label}"
 
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replaced_atomically(out_dir) as tmp:
         merged.save_pretrained(str(tmp))
         AutoTokenizer.from_pretrained(str(base.path)).save_pretrained(str(tmp))
         for name in _TOKENIZER_FILES:  # keep e.g. the chat template file exactly as the base has it
             if (base.path / name).exists() and not (tmp / name).exists():
                 shutil.copyfile(base.path / name, tmp / name)
         (tmp / "tinkerd_export.json").write_text(json.dumps({"base_model": base.name, "adapter": ckpt.label}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from tinkerd.atomic_dir import replaced_atomically
 from tinkerd.engine.model import LoraWeights
 from tinkerd.types import UserError
 
@@ -76,25 +75,13 @@ def write_checkpoint_dir(
     optimizer_meta: dict[str, str] | None = None,
 ) -> int:
     """Write atomically: into a sibling temp dir, fsync, then rename. Returns total bytes."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with replaced_atomically(target, fsync=True) as tmp:
         config = peft_config(rank, alpha, list(weights.a), base_model)
         save_file(adapter_tensors(weights), str(tmp / ADAPTER_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         (tmp / TINKERD_FILE).write_text(json.dumps(extra_config or {}, indent=2))
         if optimizer_tensors is not None:
             save_file(optimizer_tensors, str(tmp / OPTIMIZER_FILE), metadata=optimizer_meta or {})
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sum(f.stat().st_size for f in target.iterdir())
 
 
