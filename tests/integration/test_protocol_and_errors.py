@@ -207,6 +207,14 @@ def test_bad_sampling_input(client):
         sampler.sample(types.ModelInput.from_ints([1, 99999999]), 1, types.SamplingParams(max_tokens=2)).result()
     with pytest.raises(tinker.RequestFailedError, match="context length"):
         sampler.sample(types.ModelInput.from_ints([1] * 8200), 1, types.SamplingParams(max_tokens=2)).result()
+    # Sampling values are checked by the same code as the OpenAI door's; the failure names the
+    # field in the SDK's words.
+    with pytest.raises(tinker.RequestFailedError, match=r"sampling_params\.top_p"):
+        sampler.sample(types.ModelInput.from_ints(TOKENS), 1, types.SamplingParams(max_tokens=2, top_p=0.0)).result()
+    with pytest.raises(tinker.RequestFailedError, match=r"sampling_params\.temperature"):
+        sampler.sample(types.ModelInput.from_ints(TOKENS), 1, types.SamplingParams(max_tokens=2, temperature=-1.0)).result()
+    with pytest.raises(tinker.RequestFailedError, match="num_samples"):
+        sampler.sample(types.ModelInput.from_ints(TOKENS), 129, types.SamplingParams(max_tokens=2)).result()
     ok = sampler.sample(types.ModelInput.from_ints(TOKENS), 1, types.SamplingParams(max_tokens=2)).result()
     assert len(ok.sequences[0].tokens) == 2
 
