@@ -60,6 +60,7 @@ class ModelState:
     session_id: str
     engine: EngineClient
     next_seq: int = 1
+    last_request: dt.datetime | None = None  # committed as the run's last_request_time with its next metrics or save
     # seq_id → (submit: hands the request to the engine's door, its entry, what to do with the result)
     pending: dict[int, tuple[Callable[[], Future], FutureEntry, Callable[[Any], Any] | None]] = field(default_factory=dict)
     seen: dict[int, FutureEntry] = field(default_factory=dict)
@@ -251,7 +252,7 @@ class Service:
         if seq_id is not None and seq_id in state.seen:
             return state.seen[seq_id]  # a retry: same future, no second execution
         entry = self.futures.create(kind, state.session_id)
-        self._bookkeeping.submit(self._note_request, model_id, utcnow())
+        state.last_request = utcnow()
         if seq_id is None or seq_id < state.next_seq:
             self._chain(submit(), entry, on_done)
             return entry
@@ -264,14 +265,6 @@ class Service:
         for old in [s for s in state.seen if s < state.next_seq - _SEEN_WINDOW]:
             del state.seen[old]
         return entry
-
-    def _note_request(self, run_id: str, when: dt.datetime) -> None:
-        """The run's last_request_time (RestClient shows it), written on the bookkeeping thread:
-        a commit waits for the disk, and the event loop must not."""
-        with self.db.begin() as s:
-            run = s.get(RunRow, run_id)
-            if run is not None:
-                run.last_request_time = when
 
     def skip_seq(self, model_id: str, seq_id: int | None) -> None:
         """Consume a seq_id whose request was refused at submission.
@@ -363,6 +356,16 @@ class Service:
         with self.db.begin() as s:
             for key, value in metrics.items():
                 s.add(MetricRow(run_id=run_id, seq_id=seq_id, kind=kind, key=key, value=float(value)))
+            self._note_last_request(s, run_id)
+
+    def _note_last_request(self, s: Any, run_id: str) -> None:
+        """The run's last_request_time (RestClient shows it), in a transaction the request's
+        result commits anyway: each commit waits for the disk, and with several tenants the
+        results queue behind each other's commits on the bookkeeping thread."""
+        state = self.models.get(run_id)
+        run = s.get(RunRow, run_id)
+        if state is not None and state.last_request is not None and run is not None:
+            run.last_request_time = state.last_request
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -432,6 +435,7 @@ class Service:
                         expires_at=expires, has_optimizer=with_optimizer,
                     )
                 )
+                self._note_last_request(s, model_id)
             for old_dir in replaced_dirs:
                 if old_dir != str(directory):
                     shutil.rmtree(old_dir, ignore_errors=True)
@@ -537,15 +541,19 @@ class Service:
         if seq_id is not None and seq_id in state.seen:
             return state.seen[seq_id]
         entry = self.futures.create("sample", state.session_id)
-        sequence_ids = [f"{entry.request_id}:{i}" for i in range(request.num_samples)]
+        try:
+            request = sampling.check(state.target.info, request)
+            failure = None
+        except UserError as exc:
+            failure = Failure(tinker_sampling_message(exc), "user")
+        # Checked first: num_samples is bounded only once the check passed.
+        sequence_ids = [f"{entry.request_id}:{i}" for i in range(request.num_samples)] if failure is None else []
         if seq_id is not None:
             state.seen[seq_id] = (entry, sequence_ids)
             if len(state.seen) > _SEEN_WINDOW:
                 del state.seen[min(state.seen)]
-        try:
-            request = sampling.check(state.target.info, request)
-        except UserError as exc:
-            self.futures.resolve(entry, failure=Failure(tinker_sampling_message(exc), "user"))
+        if failure is not None:
+            self.futures.resolve(entry, failure=failure)
             return entry, sequence_ids
         on_done = None
         if request.record_stability_info:
