@@ -2,8 +2,8 @@
 
 Listing, publish / unpublish, TTL, delete, weights_info, and downloads of external
 weights through URLs that tinkerd signs (HMAC with a per-data-dir secret, one hour) and
-serves itself. Shapes: docs/wire-protocol.md §4.6, the session routes §2.4, signed URLs
-§4.5. Every datetime is sent timezone-aware. Plus one tinkerd extension: a run's metric history.
+serves itself. Shapes: docs/wire-protocol.md §4.6; the session routes: docs/wire-protocol.md §2.4;
+signed URLs: docs/wire-protocol.md §4.5. Every datetime is sent timezone-aware. Plus one tinkerd extension: a run's metric history.
 """
 
 from __future__ import annotations

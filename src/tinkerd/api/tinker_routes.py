@@ -1,8 +1,8 @@
 """The Tinker API routes (`/api/v1/...`) that the unmodified `tinker` SDK calls.
 
 Requests are parsed with the SDK's own pydantic types and protobuf messages, translated
-to plain values for the core layer, and results translated back. docs/wire-protocol.md
-describes the protocol, and its §7 the traps this file handles.
+to plain values for the core layer, and results translated back. The protocol is
+described in docs/wire-protocol.md; the traps this file handles in docs/wire-protocol.md §7.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Wire conversions: the SDK's protobuf shapes ⇄ plain values (`tinkerd.types`).
 
 The schema is the SDK's own (`tinker.proto.tinker_public_pb2`); this module only maps it
-onto numpy arrays and tinkerd's dataclasses. docs/wire-protocol.md describes the shapes:
-requests §5.3, `ForwardBackwardOutput` §5.4, `SampleResponse` §6.4.
+onto numpy arrays and tinkerd's dataclasses. The shapes: requests in docs/wire-protocol.md §5.3,
+`ForwardBackwardOutput` in docs/wire-protocol.md §5.4, `SampleResponse` in docs/wire-protocol.md §6.4.
 """
 
 from __future__ import annotations

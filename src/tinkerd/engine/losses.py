@@ -3,10 +3,10 @@
 Follows ``docs/losses.md`` (section numbers below refer to it). The training
 engine calls :func:`compute_datum_loss` once per datum: the SDK splits large calls into
 chunks that arrive as separate requests, so nothing here may depend on another datum
-(§1.1). Every loss is the *negative* of an objective, *summed* over tokens with no
-normalisation (§1.4); clients fold any averaging into ``advantages`` or ``weights``.
+(docs/losses.md §1.1). Every loss is the *negative* of an objective, *summed* over tokens with no
+normalisation (docs/losses.md §1.4); clients fold any averaging into ``advantages`` or ``weights``.
 
-Notation (per datum, §2): ``lp`` learner log-probs of ``target_tokens`` (with
+Notation (per datum, docs/losses.md §2): ``lp`` learner log-probs of ``target_tokens`` (with
 gradient), ``q`` the sampler log-probs sent as ``loss_fn_inputs["logprobs"]``, ``A`` the
 advantages, ``r = exp(lp - q)`` and ``sg`` = ``detach``.
 
@@ -66,7 +66,7 @@ class LossResult:
     # Keys are "<name>:<reduction>" with reduction in sum|mean|min|max; always has
     # "loss:sum". Per-datum values, combined by reduce_metrics.
     metrics: dict[str, float]
-    # Optional detached per-token float outputs, e.g. "ratio" (§1.5 PROPOSAL).
+    # Optional detached per-token float outputs, e.g. "ratio" (docs/losses.md §1.5 PROPOSAL).
     extra_outputs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -75,13 +75,13 @@ class StabilityInfo:
     """What the server recorded at sampling time, laid out on one datum's targets.
 
     Built by the engine from the datum's ``loss_fn_input_spans`` and the recorded
-    sequences (§2.7.2/§2.7.3); only ``stable_reinforce`` reads it.
+    sequences (docs/losses.md §2.7.2/§2.7.3); only ``stable_reinforce`` reads it.
     """
 
     # (N,) float: the sampler's own log-prob of target_tokens[i]; read only where
     # sampled_mask is set.
     sampler_logprobs: torch.Tensor
-    # (N,) bool: target position i lies in a SampledProvenanceSpan (S of §2.7.2).
+    # (N,) bool: target position i lies in a SampledProvenanceSpan (S of docs/losses.md §2.7.2).
     sampled_mask: torch.Tensor
 
 
@@ -92,16 +92,16 @@ class StabilityInfo:
 _CLIP_LOW = "clip_low_threshold"
 _CLIP_HIGH = "clip_high_threshold"
 
-# Accepted config keys and their defaults (§2, §3). Keys not listed are rejected (§1.7).
+# Accepted config keys and their defaults (docs/losses.md §2, §3). Keys not listed are rejected (docs/losses.md §1.7).
 _CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "cross_entropy": {},
     "importance_sampling": {},
     "ppo": {_CLIP_LOW: 0.8, _CLIP_HIGH: 1.2},
     # One-sided by default: only the upper side is capped (cookbook 0.6.1 tutorial 202).
     "cispo": {_CLIP_LOW: 0.0, _CLIP_HIGH: 4.0},
-    # No documented default; 0.1 is tinkerd's choice, a PROPOSAL (§2.5, §7.5).
+    # No documented default; 0.1 is tinkerd's choice, a PROPOSAL (docs/losses.md §2.5, docs/losses.md §7.5).
     "dro": {"beta": 0.1},
-    # Key names and defaults inferred by analogy with PPO (§2.6, §7.4).
+    # Key names and defaults inferred by analogy with PPO (docs/losses.md §2.6, docs/losses.md §7.4).
     "gspo": {_CLIP_LOW: 0.8, _CLIP_HIGH: 1.2},
     "stable_reinforce": {"kl_coeff": 0.01},
 }
@@ -126,10 +126,10 @@ _REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
 _OPTIONAL_INPUTS: dict[str, tuple[str, ...]] = {"gspo": ("sequence_ratio_mask",)}
 
 # Losses whose clip bounds a datum may override per token with float inputs of the same
-# name (PROPOSAL §2.3, §7.6). Other losses ignore those keys like any unknown input.
+# name (PROPOSAL docs/losses.md §2.3, docs/losses.md §7.6). Other losses ignore those keys like any unknown input.
 _PER_TOKEN_CLIP_LOSSES: frozenset[str] = frozenset({"ppo", "cispo", "gspo"})
 
-# Config values that must be >= 0: negative clip bounds are rejected by §1.7; a negative
+# Config values that must be >= 0: negative clip bounds are rejected by docs/losses.md §1.7; a negative
 # DRO beta or KL coefficient would reward drifting away from the sampler, which no
 # caller can mean, so those are rejected too.
 _NON_NEGATIVE_CONFIG_KEYS: frozenset[str] = frozenset(
@@ -157,7 +157,7 @@ def validate_loss_request(
     """Check the loss name and its config once per request; return config with defaults.
 
     Unknown keys are rejected because a typo would otherwise change training silently
-    (§1.7). Values come back as plain Python floats.
+    (docs/losses.md §1.7). Values come back as plain Python floats.
     """
     _require_known_loss(loss_fn)
     defaults = _CONFIG_DEFAULTS[loss_fn]
@@ -300,8 +300,8 @@ def validate_datum_inputs(
     """Check one datum's ``loss_fn_inputs`` before any forward/backward work.
 
     Required keys, dtypes, shapes (leading dim == ``n_tokens``; ``(N, K)`` targets and
-    weights only for cross_entropy) and finiteness (§1.7). Unknown keys are ignored: RL
-    datums legitimately carry e.g. ``weights`` or ``mask`` (§1.2, §1.7). Passing the
+    weights only for cross_entropy) and finiteness (docs/losses.md §1.7). Unknown keys are ignored: RL
+    datums legitimately carry e.g. ``weights`` or ``mask`` (docs/losses.md §1.2, docs/losses.md §1.7). Passing the
     validated request ``config`` also checks per-token clip overrides against it.
     """
     _require_known_loss(loss_fn)
@@ -317,7 +317,7 @@ def validate_datum_inputs(
                 f"loss_fn_inputs['weights'] must have the shape of target_tokens "
                 f"{tuple(tokens.shape)}, got {tuple(weights.shape)}"
             )
-        # Any finite sign or size is legal: the custom-loss path sends -dC/dlp (§2.1).
+        # Any finite sign or size is legal: the custom-loss path sends -dC/dlp (docs/losses.md §2.1).
         finite_checks.append(
             (
                 "loss_fn_inputs['weights'] contains a non-finite value",
@@ -365,7 +365,7 @@ def validate_datum_inputs(
 
 
 def validate_stability_info(advantages: torch.Tensor, stability: StabilityInfo) -> None:
-    """Check a datum's recorded stability info against its advantages (§2.7.3).
+    """Check a datum's recorded stability info against its advantages (docs/losses.md §2.7.3).
 
     User errors: no sampled target position at all, or a nonzero advantage on a target
     that no SampledProvenanceSpan covers. A shape mismatch is an engine bug
@@ -435,7 +435,7 @@ def _clip_bounds(
     dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(low, high) ratio bounds: per-token inputs override the config scalars (§2.3)."""
+    """(low, high) ratio bounds: per-token inputs override the config scalars (docs/losses.md §2.3)."""
 
     def bound(key: str) -> torch.Tensor:
         if key in inputs:
@@ -450,7 +450,7 @@ def _clip_bounds(
 def _clipped_surrogate(
     ratio: torch.Tensor, advantages: torch.Tensor, low: torch.Tensor, high: torch.Tensor
 ) -> torch.Tensor:
-    """Per-token PPO objective min(r*A, clamp(r, lo, hi)*A) (§2.3).
+    """Per-token PPO objective min(r*A, clamp(r, lo, hi)*A) (docs/losses.md §2.3).
 
     torch.minimum/torch.clamp give exactly the documented gradients: zero where the
     clipped branch is the active minimum, -r*A (after negation) elsewhere.
@@ -514,7 +514,7 @@ def _cross_entropy(
     config: Mapping[str, float | str],
     stability: StabilityInfo | None,
 ) -> LossResult:
-    # §2.1: loss = sum_{i,k} -lp[i,k] * w[i,k]; weights are used as given (no clamp or
+    # docs/losses.md §2.1: loss = sum_{i,k} -lp[i,k] * w[i,k]; weights are used as given (no clamp or
     # normalisation) because the custom-loss path encodes arbitrary gradients in them.
     weights = _float_input("cross_entropy", inputs, "weights", like=lp)
     return _finish(-(lp * weights).sum(), {}, {})
@@ -539,7 +539,7 @@ def _importance_sampling(
     config: Mapping[str, float | str],
     stability: StabilityInfo | None,
 ) -> LossResult:
-    # §2.2: loss = -sum_i r_i * A_i, ratio unclipped. A_i = 0 on prompt positions
+    # docs/losses.md §2.2: loss = -sum_i r_i * A_i, ratio unclipped. A_i = 0 on prompt positions
     # removes them whatever their padded q.
     sampler_lp, advantages = _rl_inputs("importance_sampling", lp, inputs)
     ratio = torch.exp(lp - sampler_lp)
@@ -552,7 +552,7 @@ def _ppo(
     config: Mapping[str, float | str],
     stability: StabilityInfo | None,
 ) -> LossResult:
-    # §2.3: loss = -sum_i min(r_i A_i, clamp(r_i, lo, hi) A_i), with lo/hi absolute
+    # docs/losses.md §2.3: loss = -sum_i min(r_i A_i, clamp(r_i, lo, hi) A_i), with lo/hi absolute
     # ratio bounds (not epsilons).
     sampler_lp, advantages = _rl_inputs("ppo", lp, inputs)
     low, high = _checked_clip_bounds("ppo", inputs, config, lp)
@@ -570,7 +570,7 @@ def _cispo(
     config: Mapping[str, float | str],
     stability: StabilityInfo | None,
 ) -> LossResult:
-    # §2.4: loss = -sum_i sg(clamp(r_i, lo, hi)) * lp_i * A_i. The clipped ratio is only
+    # docs/losses.md §2.4: loss = -sum_i sg(clamp(r_i, lo, hi)) * lp_i * A_i. The clipped ratio is only
     # a detached weight, so every token keeps its REINFORCE gradient.
     sampler_lp, advantages = _rl_inputs("cispo", lp, inputs)
     low, high = _checked_clip_bounds("cispo", inputs, config, lp)
@@ -588,9 +588,9 @@ def _dro(
     config: Mapping[str, float | str],
     stability: StabilityInfo | None,
 ) -> LossResult:
-    # §2.5: loss = -sum_i [lp_i A_i - beta/2 (lp_i - q_i)^2]. The quadratic term is
+    # docs/losses.md §2.5: loss = -sum_i [lp_i A_i - beta/2 (lp_i - q_i)^2]. The quadratic term is
     # unmasked, as documented: prompt positions padded with q = 0 are pulled toward
-    # lp = 0 (the caveat of §2.5; clients should pad with true log-probs if they care).
+    # lp = 0 (the caveat of docs/losses.md §2.5; clients should pad with true log-probs if they care).
     sampler_lp, advantages = _rl_inputs("dro", lp, inputs)
     beta = _config_float("dro", config, "beta")
     log_ratio = lp - sampler_lp
@@ -604,7 +604,7 @@ def _gspo(
     config: Mapping[str, float | str],
     stability: StabilityInfo | None,
 ) -> LossResult:
-    # §2.6 (GSPO-token): one ratio per datum, s = exp(mean_{i in M}(sg(lp_i) - q_i)).
+    # docs/losses.md §2.6 (GSPO-token): one ratio per datum, s = exp(mean_{i in M}(sg(lp_i) - q_i)).
     # Every token shares its value; each token's gradient flows through its own lp_i.
     sampler_lp, advantages = _rl_inputs("gspo", lp, inputs)
     if "sequence_ratio_mask" in inputs:
@@ -618,7 +618,7 @@ def _gspo(
     token_log_ratio = torch.where(
         in_ratio, lp.detach() - sampler_lp, torch.zeros_like(lp)
     )
-    # Empty mask -> s_log = 0 (ratio 1), not the NaN of an empty mean (PROPOSAL §2.6).
+    # Empty mask -> s_log = 0 (ratio 1), not the NaN of an empty mean (PROPOSAL docs/losses.md §2.6).
     seq_log_ratio = token_log_ratio.sum() / in_ratio.sum().clamp(min=1).to(
         torch.float32
     )
@@ -646,13 +646,13 @@ def _checked_clip_bounds(
 
 
 # ==============================================================================
-# PROPOSAL ZONE: StableReinforce (docs/losses.md §2.7.2, §7.1-§7.3)
+# PROPOSAL ZONE: StableReinforce (docs/losses.md §2.7.2, docs/losses.md §7.1-docs/losses.md §7.3)
 #
 # The real StableReinforce objective is not public. Every guess about it lives in the
 # two functions below; correct them here when the full docs page becomes available.
 #   * stable_reinforce_token_loss: the per-token formula (REINFORCE on sampled tokens
 #     plus kl_coeff * k3 estimate of KL(sampler || learner)), with the A/B
-#     alternative of §2.7.2 (detached truncated IS weight) behind STABLE_REINFORCE_TRUNCATED_IS.
+#     alternative of docs/losses.md §2.7.2 (detached truncated IS weight) behind STABLE_REINFORCE_TRUNCATED_IS.
 #   * fallback_sampled_mask: which positions count as sampled when the engine has no
 #     recorded provenance for the datum.
 # The plumbing (validation, recorded-vs-client log-prob choice) is in
@@ -660,7 +660,7 @@ def _checked_clip_bounds(
 # ==============================================================================
 
 # False: loss = sum_S[-A lp + kl_coeff * k3]; True: the REINFORCE term is weighted by
-# sg(min(r, 1)), the variant of §2.7.2.
+# sg(min(r, 1)), the variant of docs/losses.md §2.7.2.
 STABLE_REINFORCE_TRUNCATED_IS: bool = False
 
 
@@ -710,7 +710,7 @@ def fallback_sampled_mask(
 ) -> torch.Tensor:
     """PROPOSAL: the sampled set S when no stability info was recorded for the datum.
 
-    Clients pad prompt positions with logprobs = 0 and advantages = 0 (§1.2), so a
+    Clients pad prompt positions with logprobs = 0 and advantages = 0 (docs/losses.md §1.2), so a
     target counts as sampled when either is nonzero. The only sampled tokens this
     misses have zero advantage and a sampler log-prob of exactly 0 (p = 1 in fp32);
     they merely lose their KL term, which only weakens the regulariser there.
@@ -737,7 +737,7 @@ def _stable_reinforce(
         validate_stability_info(advantages, stability)
         sampled = stability.sampled_mask.to(device=lp.device, dtype=torch.bool)
         recorded = stability.sampler_logprobs.to(device=lp.device, dtype=torch.float32)
-        # The server's own record wins over what the client sent (PROPOSAL §7.3); the
+        # The server's own record wins over what the client sent (PROPOSAL docs/losses.md §7.3); the
         # largest disagreement is reported so drifting clients are visible.
         sampler_lp = torch.where(sampled, recorded, client_lp)
         mismatch = torch.where(
@@ -806,7 +806,7 @@ def _metric_reduction(key: str) -> str:
 
 
 def reduce_metrics(per_datum: list[dict[str, float]]) -> dict[str, float]:
-    """Combine one request's per-datum metrics by key suffix (§1.6).
+    """Combine one request's per-datum metrics by key suffix (docs/losses.md §1.6).
 
     ``:sum`` is summed, ``:mean`` averaged over datums (the SDK then weights each
     chunk's mean by its datum count), ``:min``/``:max`` as named. Every datum must carry
