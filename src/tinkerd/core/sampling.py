@@ -49,16 +49,20 @@ class Sampling:
     def resolve(self, model: str) -> SampleTarget:
         """A served base model's name, or a checkpoint path (its files checked here, so a
         damaged checkpoint fails now, naming itself). Raises NotFound / UserError(field="model")."""
-        engine = self.engines.get(model)
-        if engine is not None:
-            return SampleTarget(model, engine, None)
         if not model.startswith("tinker://"):
-            raise UserError(f"unknown base model {model!r}; this server serves: {', '.join(self.engines)}", field="model")
+            return SampleTarget(model, self.engine_for(model), None)
         base_model, adapter = self._adapter_for_path(model)
         engine = self.engines.get(base_model)
         if engine is None:
             raise NotFound(f"{model} needs base model {base_model!r}, which this server does not serve", field="model")
         return SampleTarget(base_model, engine, adapter)
+
+    def engine_for(self, base_model: str) -> EngineClient:
+        """The engine of a served base model, or a UserError listing the served ones."""
+        engine = self.engines.get(base_model)
+        if engine is None:
+            raise UserError(f"unknown base model {base_model!r}; this server serves: {', '.join(self.engines)}", field="model")
+        return engine
 
     def submit(
         self, target: SampleTarget, request: SampleRequest, on_token: Callable[[TokenEvent], None] | None = None

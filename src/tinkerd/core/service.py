@@ -205,10 +205,7 @@ class Service:
     # -- engines -----------------------------------------------------------------------------
 
     def engine_for(self, base_model: str) -> EngineClient:
-        engine = self.engines.get(base_model)
-        if engine is None:
-            raise UserError(f"unknown base model {base_model!r}; this server serves: {', '.join(self.engines)}")
-        return engine
+        return self.sampling.engine_for(base_model)
 
     def _chain(self, future: Future, entry: FutureEntry, on_done: Callable[[Any], Any] | None = None,
                on_failure: Callable[[], Any] | None = None) -> None:
