@@ -151,13 +151,12 @@ def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, nam
     db = _database(data_dir)
     base = _base_model(model, config.get("base_model_name_or_path"), data_dir)
     cfg = ModelConfig.from_hf(json.loads((base.path / "config.json").read_text()))
-    shapes = cfg.lora_shapes()
     known = set(lora_module_paths(cfg, True, True, True))
     rank = int(config.get("r") or next(iter(a.values())).shape[0])
     for path in sorted(a):
         if path not in known:
             raise AdapterError(f"the adapter targets {path}, which tinkerd cannot train on {base.name} (known: attention, MLP, lm_head)")
-        in_features, out_features = shapes[path.rsplit(".", 1)[-1]]
+        in_features, out_features = cfg.lora_shape(path)
         if tuple(a[path].shape) != (rank, in_features) or tuple(b[path].shape) != (out_features, rank):
             raise AdapterError(
                 f"{path}: lora_A {tuple(a[path].shape)} / lora_B {tuple(b[path].shape)} do not fit {base.name} "

@@ -1,12 +1,13 @@
-"""The model's kinds of pass against each other, on a tiny random Qwen2-shaped model (biases on
-q/k/v, head_dim apart from hidden / heads, untied lm_head): a decode step through the C kernels
-against the torch decode step, and decode steps against the causal pass they continue."""
+"""The model's kinds of pass against each other, on a tiny random model of each family
+(tests/tiny_models.py): a decode step through the C kernels against the torch decode step,
+and decode steps against the causal pass they continue, with rows of several adapters."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import tiny_models
 from tinkerd.engine.model import (
     AdapterBatch,
     AdapterSegment,
@@ -14,35 +15,13 @@ from tinkerd.engine.model import (
     KVCache,
     LlamaModel,
     LoraStacks,
-    ModelConfig,
     init_lora,
     lora_module_paths,
 )
 
-CONFIG = {
-    "architectures": ["Qwen2ForCausalLM"], "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96,
-    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
-    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
-}
 
-
-def tiny_model() -> LlamaModel:
-    cfg = ModelConfig.from_hf(CONFIG)
-    gen = torch.Generator().manual_seed(0)
-    rand = lambda *shape, scale=0.1: torch.randn(*shape, generator=gen) * scale  # noqa: E731
-    w = {"model.embed_tokens.weight": rand(128, 64, scale=1.0), "lm_head.weight": rand(128, 64), "model.norm.weight": 1 + rand(64)}
-    shapes = cfg.lora_shapes()
-    for layer in range(cfg.num_layers):
-        p = f"model.layers.{layer}."
-        for name, group in (("q_proj", "self_attn"), ("k_proj", "self_attn"), ("v_proj", "self_attn"), ("o_proj", "self_attn"),
-                            ("gate_proj", "mlp"), ("up_proj", "mlp"), ("down_proj", "mlp")):
-            fan_in, fan_out = shapes[name]
-            w[f"{p}{group}.{name}.weight"] = rand(fan_out, fan_in)
-            if name in ("q_proj", "k_proj", "v_proj"):
-                w[f"{p}{group}.{name}.bias"] = rand(fan_out)
-        w[p + "input_layernorm.weight"] = 1 + rand(64)
-        w[p + "post_attention_layernorm.weight"] = 1 + rand(64)
-    return LlamaModel(cfg, w)
+def tiny_model(family: str = "qwen2") -> LlamaModel:
+    return tiny_models.tinkerd_model(tiny_models.build(family, vocab_size=128))
 
 
 def adapter(model: LlamaModel, seed: int, rank: int):
@@ -85,9 +64,9 @@ def decode_run(model: LlamaModel, kernels, rows: list, prompts: torch.Tensor, st
     return out
 
 
-@pytest.fixture
-def setup():
-    model = tiny_model()
+@pytest.fixture(params=tiny_models.FAMILIES)
+def setup(request):
+    model = tiny_model(request.param)
     first, second = adapter(model, 1, 4), adapter(model, 2, 8)
     rows = [first, None, second, first]
     prompts = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(3))

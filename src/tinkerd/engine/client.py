@@ -92,7 +92,7 @@ class InProcessEngine(EngineClient):
         self.sampler = self.scheduler.sampler
         self.model = self.trainer.model
         cfg = self.model.cfg
-        self.info = ModelInfo(name=name, model_dir=str(self.model_dir), max_context=cfg.max_position_embeddings,
+        self.info = ModelInfo(name=name, model_dir=str(self.model_dir), max_context=cfg.max_context,
                               vocab_size=cfg.vocab_size, eos_token_ids=tuple(cfg.eos_token_ids))
 
     def _build(self) -> tuple[Any, Any]:

@@ -134,7 +134,7 @@ class Sampler:
         self.tokenizer = tokenizer  # for stop strings
         self.adapters = adapters
         self.cancellations = cancellations
-        self.max_context = model.cfg.max_position_embeddings
+        self.max_context = model.cfg.max_context
         self.rows: list[_Row] = []
         self._cache: KVCache | None = None
         self._lora_stacks: OrderedDict = OrderedDict()  # adapter set → stacked LoRA weights for mixed decode

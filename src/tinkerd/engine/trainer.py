@@ -188,7 +188,7 @@ class Trainer:
     def _validate_datums(self, datums: list[Datum], loss_fn: str) -> None:
         if not datums:
             raise UserError("forward_backward needs at least one datum")
-        context = self.cfg.max_position_embeddings
+        context = self.cfg.max_context
         for i, datum in enumerate(datums):
             n = len(datum.tokens)
             self._check_tokens(np.asarray(datum.tokens), f"datum {i} model_input")

@@ -1,14 +1,19 @@
-"""A Llama-family decoder (Llama, Mistral, Qwen2) as a tree of small modules.
+"""A Llama-family decoder (Llama 2/3.x, Mistral, Qwen2, Qwen3, Qwen3 MoE) as a tree of small modules.
 
     LlamaModel
       embed_tokens                 [vocab, hidden]
       layers: N x DecoderLayer
         input_layernorm            RMSNorm
-        self_attn: Attention       qkv_proj (q, k, v as one matmul), o_proj
+        self_attn: Attention       qkv_proj (q, k, v as one matmul), o_proj;
+                                   q_norm, k_norm (Qwen3: RMSNorm of each head)
         post_attention_layernorm   RMSNorm
         mlp: MLP                   gate_up_proj (gate, up as one matmul), down_proj
+             or SparseMoe          router and experts (moe.py), in a MoE model's sparse layers
       norm                         RMSNorm
       lm_head                      (the embedding's weight when the config ties them)
+
+What differs between the families is data (config.py): biases, head_dim, q/k norms, the
+rotary frequencies (Llama 3.x scales them), experts.
 
 Every projection is a `LoraLinear` (lora.py): the frozen weight plus each batch row's
 adapter update. Weight names follow transformers' `LlamaForCausalLM`, so checkpoints load as
@@ -30,6 +35,7 @@ object handed down the tree with the activations (`run`):
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -43,6 +49,7 @@ from tinkerd.engine.model.config import ModelConfig, UnsupportedModelError
 from tinkerd.engine.model.kv_cache import KVCache
 from tinkerd.engine.model.lora import AdapterBatch, FusedLoraLinear, LoraLinear
 from tinkerd.engine.model.module import Module
+from tinkerd.engine.model.moe import SparseMoe
 
 
 class RMSNorm(Module):
@@ -71,6 +78,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
+def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """The rotary embedding's inverse frequencies [head_dim / 2], as transformers computes
+    them (for Llama 3.x, with its scaling of long wavelengths)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.llama3_rope
+    if scaling is None:
+        return inv_freq
+    low_freq_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_freq_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths are divided by the factor, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
 def _linear(weights: dict[str, torch.Tensor], path: str) -> LoraLinear:
     return LoraLinear(path, weights[path + ".weight"], weights.get(path + ".bias"))
 
@@ -86,24 +113,35 @@ class Attention(Module):
         parts = [_linear(weights, p + name) for name in ("q_proj", "k_proj", "v_proj")]
         self.qkv_proj = FusedLoraLinear(p + "qkv_proj", parts)
         self.o_proj = _linear(weights, p + "o_proj")
+        # Qwen3: an RMSNorm of each q and each k head before the rotary embedding.
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(weights[p + "q_norm.weight"], cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(weights[p + "k_norm.weight"], cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, run: Pass) -> torch.Tensor:
         if run.decoding:
             # One new token per row, against the cache: q, k and v go on as the one tensor the
             # fused matmul made (the C kernel reads it in place; torch rotates q and k together).
-            out = run.attend(self.layer, self.qkv_proj(x, run.adapters, run.packed))
+            out = run.attend(self.layer, self.qkv_proj(x, run.adapters, run.packed), self.q_norm, self.k_norm)
         else:
             bsz, seqlen, _ = x.shape
             heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
             if torch.is_grad_enabled():
                 # Training: a projection per module (cheaper to differentiate than one matmul and a split).
-                q, k, v = (t.view(bsz, seqlen, -1, dim).transpose(1, 2) for t in self.qkv_proj.split(x, run.adapters))
+                q, k, v = (t.view(bsz, seqlen, -1, dim) for t in self.qkv_proj.split(x, run.adapters))
+                if self.q_norm is not None:
+                    q, k = self.q_norm(q), self.k_norm(k)
+                q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                 q, k = apply_rotary(q, run.cos, run.sin), apply_rotary(k, run.cos, run.sin)
             else:
                 # One matmul, and the rotary embedding of the q and k heads together.
-                qkv = self.qkv_proj(x, run.adapters).view(bsz, seqlen, heads + 2 * kv_heads, dim).transpose(1, 2)
-                q, k = apply_rotary(qkv[:, : heads + kv_heads], run.cos, run.sin).split((heads, kv_heads), dim=1)
-                v = qkv[:, heads + kv_heads :]
+                qkv = self.qkv_proj(x, run.adapters).view(bsz, seqlen, heads + 2 * kv_heads, dim)
+                qk = qkv[:, :, : heads + kv_heads]
+                if self.q_norm is not None:
+                    qk = torch.cat((self.q_norm(qk[:, :, :heads]), self.k_norm(qk[:, :, heads:])), dim=2)
+                q, k = apply_rotary(qk.transpose(1, 2), run.cos, run.sin).split((heads, kv_heads), dim=1)
+                v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
             if run.kv_out is not None:  # prefill: the engine copies each layer's K/V into its cache
                 run.kv_out.append((k, v))
             out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
@@ -135,7 +173,7 @@ class DecoderLayer(Module):
         self.input_layernorm = RMSNorm(weights[p + "input_layernorm.weight"], cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer, weights)
         self.post_attention_layernorm = RMSNorm(weights[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, layer, weights)
+        self.mlp = SparseMoe(cfg, layer, weights) if cfg.is_moe_layer(layer) else MLP(cfg, layer, weights)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, next_norm: RMSNorm, run: Pass) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the residual stream; h: input_layernorm(x). Returns the stream after this layer
@@ -158,8 +196,7 @@ class LlamaModel(Module):
         # What follows each layer's residual stream: the next layer's input norm, then the final norm.
         self._next_norms = [layer.input_layernorm for layer in self.layers[1:]] + [self.norm]
         self.kernels: cpu_kernels.CpuKernels | None = None  # float32 CPU decode kernels (use_cpu_kernels)
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
-        self.register_buffer("inv_freq", inv_freq.to(self.embed_tokens.device), persistent=False)
+        self.register_buffer("inv_freq", rotary_inv_freq(cfg).to(self.embed_tokens.device), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -241,8 +278,8 @@ class LlamaModel(Module):
         self-check)."""
         if self.device.type != "cpu" or self.dtype != torch.float32 or not packing.available():
             return False
-        linears = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        linears = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj)]
+        linears += [m for layer in self.layers if isinstance(layer.mlp, MLP) for m in (layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         linears.append(self.lm_head)
         try:
             packed = [packing.pack(linear.weight) for linear in linears]
@@ -312,10 +349,11 @@ class DecodeStep:
             x.add_(delta)
         return x, F.rms_norm(x, norm.weight.shape, norm.weight, norm.eps)
 
-    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, qkv: torch.Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None) -> torch.Tensor:
         """qkv [B, (H + 2 KVH) D] → attention output [B, H D]."""
         bsz, heads, kv_heads, dim = qkv.shape[0], self.heads, self.kv_heads, self.head_dim
         qkv = qkv.view(bsz, heads + 2 * kv_heads, dim)
+        norm_heads_in_place(qkv, heads, kv_heads, q_norm, k_norm)
         qk = qkv[:, : heads + kv_heads]
         qk = torch.addcmul(qk * self.cos, qk.roll(dim // 2, dims=-1), self.signed_sin)
         k, v = qk[:, heads:], qkv[:, heads + kv_heads :]
@@ -351,10 +389,22 @@ class KernelDecodeStep(DecodeStep):
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         return x, self.kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
 
-    def attend(self, layer: int, qkv: torch.Tensor) -> torch.Tensor:
-        """Rotary of q and k, this step's K/V written to the cache, and attention: one call."""
-        return self.kernels.decode_attention(qkv.contiguous(), self.cos, self.signed_sin, self.pos,
+    def attend(self, layer: int, qkv: torch.Tensor, q_norm: RMSNorm | None, k_norm: RMSNorm | None) -> torch.Tensor:
+        """Rotary of q and k, this step's K/V written to the cache, and attention: one call
+        (after Qwen3's q/k head norms, in torch)."""
+        qkv = qkv.contiguous()
+        norm_heads_in_place(qkv.view(qkv.shape[0], -1, self.head_dim), self.heads, self.kv_heads, q_norm, k_norm)
+        return self.kernels.decode_attention(qkv, self.cos, self.signed_sin, self.pos,
                                              self.cache.k[layer], self.cache.v[layer], self.heads, self.scale, self.span)
+
+
+def norm_heads_in_place(qkv: torch.Tensor, heads: int, kv_heads: int, q_norm: RMSNorm | None, k_norm: RMSNorm | None) -> None:
+    """Qwen3's RMSNorm of each q and k head, written over them in qkv [B, H + 2 KVH, D]."""
+    if q_norm is None or k_norm is None:
+        return
+    q, k = qkv[:, :heads], qkv[:, heads : heads + kv_heads]
+    q.copy_(F.rms_norm(q, q_norm.weight.shape, q_norm.weight, q_norm.eps))
+    k.copy_(F.rms_norm(k, k_norm.weight.shape, k_norm.weight, k_norm.eps))
 
 
 Pass = CausalPass | DecodeStep

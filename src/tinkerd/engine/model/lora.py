@@ -44,11 +44,17 @@ class LoraWeights:
 
 
 def lora_module_paths(cfg: ModelConfig, train_attn: bool, train_mlp: bool, train_unembed: bool) -> list[str]:
+    """The PEFT module paths an adapter with these flags trains. In a layer with experts
+    (MoE), "MLP" means every expert's projections, each expert with its own A and B; the
+    router stays frozen."""
     paths = []
     for layer in range(cfg.num_layers):
         if train_attn:
             paths += [f"model.layers.{layer}.self_attn.{m}" for m in ATTN_MODULES]
-        if train_mlp:
+        if train_mlp and cfg.is_moe_layer(layer):
+            assert cfg.moe is not None
+            paths += [f"model.layers.{layer}.mlp.experts.{e}.{m}" for e in range(cfg.moe.num_experts) for m in MLP_MODULES]
+        elif train_mlp:
             paths += [f"model.layers.{layer}.mlp.{m}" for m in MLP_MODULES]
     if train_unembed:
         paths.append("lm_head")
@@ -59,12 +65,11 @@ def init_lora(
     cfg: ModelConfig, paths: list[str], rank: int, alpha: float, seed: int, device: torch.device
 ) -> LoraWeights:
     """PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a new adapter equals the base."""
-    shapes = cfg.lora_shapes()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     a: dict[str, torch.Tensor] = {}
     b: dict[str, torch.Tensor] = {}
     for path in paths:
-        in_features, out_features = shapes[path.rsplit(".", 1)[-1]]
+        in_features, out_features = cfg.lora_shape(path)
         bound = 1.0 / math.sqrt(in_features)  # kaiming_uniform with a=sqrt(5) on [r, in]
         a[path] = ((torch.rand(rank, in_features, generator=gen) * 2 - 1) * bound).to(device)
         b[path] = torch.zeros(out_features, rank, device=device)
@@ -155,6 +160,20 @@ class AdapterBatch:
     @classmethod
     def single(cls, adapter: LoraWeights | None, rows: int) -> AdapterBatch:
         return cls([AdapterSegment(0, rows, adapter)])
+
+    def row_groups(self, rows: int, device: torch.device) -> tuple[torch.Tensor | None, list[LoraWeights | None]]:
+        """Each of `rows` batch rows' adapter, as (an index per row into a list of adapters,
+        that list); the index is None when one adapter (or none) serves every row. A layer
+        that regroups tokens (the experts of a MoE layer) finds each token's adapter so."""
+        if self.grouped is not None:
+            slot_groups = self.grouped.row_slot.div(self.grouped.max_rows, rounding_mode="floor")
+            return slot_groups, list(self.grouped.stacks.adapters)
+        if len(self.segments) == 1 and (self.segments[0].start, self.segments[0].end) == (0, rows):
+            return None, [self.segments[0].adapter]
+        groups = torch.full((rows,), len(self.segments), dtype=torch.long)  # rows outside every segment: no adapter
+        for i, seg in enumerate(self.segments):
+            groups[seg.start : seg.end] = i
+        return groups.to(device), [seg.adapter for seg in self.segments] + [None]
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, path: str) -> torch.Tensor:
         """y (= x @ W.T) plus each row's adapter update for module `path`."""
