@@ -114,10 +114,7 @@ def export_merged(
             merged.config.get_text_config().tie_word_embeddings = False
     with torch.no_grad():
         for path in lora.a:
-            try:
-                weight = merged.get_submodule(path).weight
-            except AttributeError:
-                raise AdapterError(f"the adapter targets {path}, which {base.name} does not have") from None
+            weight = _projection_weight(merged, path, base.name)
             delta = lora.scale * (lora.b[path].float() @ lora.a[path].float())
             if delta.shape != weight.shape:
                 raise AdapterError(f"adapter shape {tuple(delta.shape)} does not fit {path} {tuple(weight.shape)} of {base.name}")
@@ -133,6 +130,29 @@ def export_merged(
                 shutil.copyfile(base.path / name, tmp / name)
         (tmp / "tinkerd_export.json").write_text(json.dumps({"base_model": base.name, "adapter": ckpt.label}, indent=2))
     return out_dir
+
+
+def _projection_weight(model: torch.nn.Module, path: str, base_name: str) -> torch.Tensor:
+    """The weight [out, in] of the projection at PEFT module path `path` in a transformers
+    model, as a view to add a LoRA update into. A MoE expert's projection
+    (`model.layers.3.mlp.experts.7.up_proj`) is a slice of the experts' stacked weights in
+    transformers 5 (`experts.gate_up_proj` [experts, 2 · inter, hidden], gate first, and
+    `experts.down_proj`), and a module of its own in earlier versions."""
+    parent, _, name = path.rpartition(".")
+    experts, _, index = parent.rpartition(".")
+    try:
+        if experts.endswith(".mlp.experts") and index.isdigit():
+            stacked = model.get_submodule(experts)
+            if isinstance(getattr(stacked, "gate_up_proj", None), torch.Tensor):
+                expert = int(index)
+                if name == "down_proj":
+                    return stacked.down_proj[expert]
+                gate_up = stacked.gate_up_proj[expert]
+                half = gate_up.shape[0] // 2
+                return gate_up[:half] if name == "gate_proj" else gate_up[half:]
+        return model.get_submodule(path).weight
+    except (AttributeError, IndexError):
+        raise AdapterError(f"the adapter targets {path}, which {base_name} does not have") from None
 
 
 # -- import adapter ------------------------------------------------------------------------
