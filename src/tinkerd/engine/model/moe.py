@@ -115,11 +115,11 @@ def _token_groups(adapters: AdapterBatch | None, rows: int, per_row: int, device
 
 
 def _expert_segments(per_group: list[int], adapters: list) -> AdapterBatch | None:
-    """An expert's tokens, sorted by adapter, as contiguous segments (`per_group`: how many
-    of its tokens each adapter has)."""
+    """An expert's tokens, sorted by adapter, as contiguous segments that cover them all
+    (`per_group`: how many of its tokens each adapter has); None when no adapter is among them."""
     segments, start = [], 0
     for count, adapter in zip(per_group, adapters, strict=True):
-        if count and adapter is not None:
+        if count:
             segments.append(AdapterSegment(start, start + count, adapter))
         start += count
-    return AdapterBatch(segments) if segments else None
+    return AdapterBatch(segments) if any(seg.adapter is not None for seg in segments) else None
