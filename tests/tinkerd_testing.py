@@ -35,13 +35,19 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, data_dir: Path, extra_args: list[str] | None = None, port: int | None = None):
+    def __init__(self, model_dir: Path, data_dir: Path, extra_args: list[str] | None = None, port: int | None = None,
+                 model_name: str | None = None):
         self.model_dir = model_dir
+        self.model_name = model_name  # served as `--model NAME=DIR`; None: the directory's own name
         self.data_dir = data_dir
         self.port = port or free_port()
         self.extra_args = extra_args or []
         self.proc: subprocess.Popen | None = None
         self.log_path = data_dir.parent / f"server-{data_dir.name}-{self.port}.log"
+
+    @property
+    def model_arg(self) -> str:
+        return f"{self.model_name}={self.model_dir}" if self.model_name else str(self.model_dir)
 
     @property
     def base_url(self) -> str:
@@ -51,7 +57,7 @@ class Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable, "-m", "tinkerd.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-            "--data-dir", str(self.data_dir), "--model", str(self.model_dir), "--log-level", "warning",
+            "--data-dir", str(self.data_dir), "--model", self.model_arg, "--log-level", "warning",
             *self.extra_args,
         ]
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

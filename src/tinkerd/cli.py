@@ -17,13 +17,20 @@ def _serve(args: argparse.Namespace) -> int:
     from tinkerd.api.app import create_app
     from tinkerd.core.service import Service
     from tinkerd.engine.client import InProcessEngine
-    from tinkerd.model_store import resolve_model, seed_hf_cache
+    from tinkerd.model_store import ModelNotFoundError, resolve_model, seed_hf_cache
 
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
     engines = {}
     for name in args.model or [DEFAULT_MODEL]:
-        source = resolve_model(name, data_dir)
+        try:
+            source = resolve_model(name, data_dir)
+        except ModelNotFoundError as exc:
+            print(f"tinkerd serve: {exc}", file=sys.stderr)
+            return 1
+        if source.name in engines:
+            print(f"tinkerd serve: two --model arguments are both named {source.name!r}", file=sys.stderr)
+            return 1
         if args.seed_hf_cache:
             seed_hf_cache(source)
         logging.info("loading %s from %s", source.name, source.path)
@@ -37,9 +44,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _import_model(args: argparse.Namespace) -> int:
-    from tinkerd.model_store import resolve_model, seed_hf_cache
+    from tinkerd.model_store import ModelNotFoundError, resolve_model, seed_hf_cache
 
-    source = resolve_model(args.model, Path(args.data_dir).expanduser())
+    try:
+        source = resolve_model(args.model, Path(args.data_dir).expanduser())
+    except ModelNotFoundError as exc:
+        print(f"tinkerd import-model: {exc}", file=sys.stderr)
+        return 1
     seed_hf_cache(source)
     print(source.path)
     return 0
@@ -79,20 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--data-dir", default=str(default_data_dir()),
                        help="state directory: models, checkpoints, metadata (default: $TINKERD_DATA_DIR or ~/.local/share/tinkerd)")
-    serve.add_argument("--model", action="append",
-                       help=f"base model to serve: a local HF directory or a hub id; repeatable (default: {DEFAULT_MODEL})")
+    serve.add_argument("--model", action="append", metavar="MODEL",
+                       help="base model to serve: a local HF directory, a hub id, or NAME=DIR to serve the local "
+                            "directory DIR under the public name NAME (e.g. Qwen/Qwen3-8B=/data/qwen3-8b), which "
+                            f"clients pass as base_model; repeatable (default: {DEFAULT_MODEL})")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     serve.add_argument("--session-timeout", type=float, default=120.0,
                        help="seconds without heartbeat before a session's in-memory state is freed (default: 120)")
     serve.add_argument("--long-poll-seconds", type=float, default=25.0, help="how long retrieve_future holds (default: 25)")
     serve.add_argument("--api-key", action="append", help="accept only these keys (default: any tml- key); repeatable")
     serve.add_argument("--no-seed-hf-cache", dest="seed_hf_cache", action="store_false",
-                       help="do not add the default model's tokenizer to the local Hugging Face cache")
+                       help="do not add the served models' tokenizers to the local Hugging Face cache under their names")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(func=_serve)
 
     imp = sub.add_parser("import-model", help="import (and cache) a base model without serving")
-    imp.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    imp.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                     help=f"as for `serve --model`: a local HF directory, a hub id, or NAME=DIR (default: {DEFAULT_MODEL})")
     imp.add_argument("--data-dir", default=str(default_data_dir()))
     imp.set_defaults(func=_import_model)
 

