@@ -12,6 +12,8 @@ Benchmarks (one module each, `run(ctx, smoke) -> dict`):
   multilora         the same load over 8 checkpoints vs all on 1               >= 0.8x
   ckpt_first_token  save_weights_for_sampler result -> first sampled token     median < 0.5 s
   scaling           step time vs batch size, sequence length, adapter count    (table)
+  moe               a small random MoE (8 experts, top-2): training and decode
+                    tokens/s of the engine vs transformers (+ PEFT)              (ratio)
 
 The server is a real `tinkerd serve` subprocess driven by the unmodified tinker SDK; the
 baselines run in this process, taking turns with the server, never at the same time.
@@ -31,7 +33,7 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHMARKS = ["train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling"]
+BENCHMARKS = ["train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling", "moe"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

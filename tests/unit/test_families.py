@@ -5,10 +5,10 @@ the same adapter for MoE), and the refusal of settings tinkerd does not implemen
 from __future__ import annotations
 
 import pytest
-import tiny_models
 import torch
 import torch.nn.functional as F
 
+import tiny_models
 from tinkerd.engine.model import AdapterBatch, AdapterSegment, ModelConfig, UnsupportedModelError, init_lora, lora_module_paths
 from tinkerd.engine.model.llama import rotary_inv_freq
 

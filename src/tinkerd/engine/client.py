@@ -110,8 +110,11 @@ class InProcessEngine(EngineClient):
         packed = os.environ.get("TINKERD_CPU_PACKED", "1") != "0" and model.pack_for_cpu()
         fused_kernels = model.use_cpu_kernels()
         if device.type == "cpu":
-            log.info("engine %s: fp32 on CPU, oneDNN prepacked weights %s, fused decode kernels %s", self.name,
-                     "on" if packed else "off", "on" if fused_kernels else "off")
+            cfg = model.cfg
+            log.info("engine %s: %s, fp32 on CPU, oneDNN prepacked weights %s, fused decode kernels %s%s%s", self.name,
+                     cfg.architecture, "on" if packed else "off", "on" if fused_kernels else "off",
+                     " (q/k head norms in torch before the attention kernel)" if fused_kernels and cfg.qk_norm else "",
+                     "; experts in torch, grouped by expert" if cfg.moe else "")
         adapters = AdapterCache(self._sampler_cache_size, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         return Trainer(model, self.name, adapters.put), Sampler(model, tokenizer, adapters, self.cancellations)

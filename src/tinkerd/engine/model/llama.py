@@ -40,16 +40,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from tinkerd.engine.cpu import kernels as cpu_kernels
 from tinkerd.engine.cpu import packing
-from tinkerd.engine.model.config import ModelConfig, UnsupportedModelError
+from tinkerd.engine.model.config import ModelConfig
 from tinkerd.engine.model.kv_cache import KVCache
 from tinkerd.engine.model.lora import AdapterBatch, FusedLoraLinear, LoraLinear
 from tinkerd.engine.model.module import Module
 from tinkerd.engine.model.moe import SparseMoe
+from tinkerd.engine.model.weights import load_weights
 
 
 class RMSNorm(Module):
@@ -99,7 +99,10 @@ def rotary_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 def _linear(weights: dict[str, torch.Tensor], path: str) -> LoraLinear:
-    return LoraLinear(path, weights[path + ".weight"], weights.get(path + ".bias"))
+    """The projection at `path`, its tensors taken out of `weights`: fused projections copy
+    theirs into one, and the loader must not hold the originals beside the copy (a model
+    would need twice its size on the way in)."""
+    return LoraLinear(path, weights.pop(path + ".weight"), weights.pop(path + ".bias", None))
 
 
 class Attention(Module):
@@ -187,6 +190,8 @@ class DecoderLayer(Module):
 
 class LlamaModel(Module):
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]):
+        """`weights` by their transformers names; the projections' tensors are taken out of
+        it as they are fused or stacked."""
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = weights["model.embed_tokens.weight"]  # frozen: a plain tensor
@@ -212,13 +217,7 @@ class LlamaModel(Module):
         gen_path = model_dir / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.exists() else None
         cfg = ModelConfig.from_hf(cfg_dict, gen)
-        weights: dict[str, torch.Tensor] = {}
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise UnsupportedModelError(f"no .safetensors weights in {model_dir}")
-        for f in files:
-            for name, tensor in load_file(str(f)).items():
-                weights[name] = tensor.to(device=device, dtype=dtype)
+        weights = load_weights(model_dir, device, dtype)  # shard by shard, straight into the engine's dtype
         return cls(cfg, weights)
 
     # -- entry points --------------------------------------------------------------------
