@@ -1,8 +1,11 @@
-"""The model: a Llama-family decoder with multi-adapter LoRA and a slot-based KV cache.
+"""The model: one decoder for every supported family (Llama 2/3.x, Mistral, Qwen2, Qwen3, Qwen3
+MoE), with multi-adapter LoRA and a slot-based KV cache.
 
-    config.py    ModelConfig, read from a Hugging Face config.json
-    llama.py     the module tree (LlamaModel → DecoderLayer → Attention, MLP) and the kinds
-                 of pass it runs: causal (training, scoring, prefill) and decode steps
+    config.py    ModelConfig, read from a Hugging Face config.json (unsupported settings refused)
+    llama.py     the module tree (LlamaModel → DecoderLayer → Attention, MLP or SparseMoe) and
+                 the kinds of pass it runs: causal (training, scoring, prefill) and decode steps
+    moe.py       a routed mixture of experts, grouped by expert, LoRA on each expert
+    weights.py   the safetensors shards, loaded one tensor at a time into the engine's dtype
     lora.py      adapters, LoraLinear (a frozen projection plus each row's LoRA update),
                  which rows use which adapter, and grouped LoRA for decode steps
     kv_cache.py  the sampler's K/V cache
