@@ -175,3 +175,14 @@ def test_a_sliding_window_caps_the_served_context_where_it_equals_full_attention
     assert ModelConfig.from_hf(qwen_off).max_context == 512
     qwen_on = base_config(architectures=["Qwen2ForCausalLM"], sliding_window=128, use_sliding_window=True)
     assert ModelConfig.from_hf(qwen_on).max_context == 128
+
+
+def test_a_bfloat16_model_holds_no_float32_copy_of_its_weights(tmp_path):
+    """The engine's dtype is bfloat16 on CUDA: every weight of the loaded tree (experts,
+    router and q/k norms included) is held in it, nothing in float32 beside it."""
+    from tinkerd.engine.model import LlamaModel
+
+    tiny_models.build("qwen3_moe", VOCAB).save_pretrained(str(tmp_path))
+    model = LlamaModel.load(tmp_path, torch.device("cpu"), torch.bfloat16)
+    tensors = [value for module in model.modules() for value in vars(module).values() if isinstance(value, torch.Tensor)]
+    assert len(tensors) > 20 and {t.dtype for t in tensors} == {torch.bfloat16}
