@@ -49,6 +49,30 @@ def test_llama3_rotary_frequencies_are_the_scaled_ones_transformers_uses():
     assert not torch.equal(ours, plain)  # the scaling changed the long wavelengths
 
 
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_theta": 500000.0, "rope_scaling": LLAMA3_SCALING},  # as transformers 4 wrote it
+    {"rope_parameters": {**LLAMA3_SCALING, "rope_theta": 500000.0}},  # as transformers 5 writes it
+    {"rope_theta": 250000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+    # both: transformers reads rope_scaling and ignores rope_parameters
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "rope_scaling": LLAMA3_SCALING},
+    {"rope_theta": 123.0, "rope_parameters": {**LLAMA3_SCALING, "rope_theta": 500000.0}, "rope_scaling": {"rope_type": "default"}},
+])
+def test_rotary_settings_are_read_as_transformers_reads_them(rope):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    raw = {**tiny_models.config("llama2").to_dict(), "rope_scaling": None, "rope_parameters": None, **rope}
+    if "rope_theta" not in rope:
+        raw.pop("rope_theta", None)
+    raw["architectures"] = ["LlamaForCausalLM"]
+    theirs = LlamaRotaryEmbedding(LlamaConfig.from_dict(dict(raw))).inv_freq.float()
+    torch.testing.assert_close(rotary_inv_freq(ModelConfig.from_hf(raw)), theirs, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", tiny_models.DENSE_FAMILIES)
 def test_lora_gradients_equal_peft(family):
     from peft import LoraConfig, get_peft_model
@@ -158,6 +182,7 @@ def base_config(**changes) -> dict:
     ({"architectures": ["GemmaForCausalLM"]}, "architectures"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope_type"),
     ({"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}}, "rope_scaling.rope_type"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),

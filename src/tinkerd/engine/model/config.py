@@ -149,16 +149,21 @@ def _refuse(field: str, value: object, supported: str) -> None:
 
 def _rope(cfg: dict) -> tuple[float, Llama3Rope | None]:
     """(rope_theta, Llama 3 scaling or None), from either spelling transformers has used:
-    `rope_scaling` beside `rope_theta`, or one `rope_parameters` dict holding both."""
-    params = dict(cfg.get("rope_parameters") or {})
-    scaling = cfg.get("rope_scaling") or {}
-    field = "rope_parameters" if params else "rope_scaling"
-    params = {**scaling, **params}
+    `rope_scaling` beside `rope_theta` (transformers 4), or one `rope_parameters` dict holding
+    both (transformers 5). Where a config has both, `rope_scaling` wins and `rope_parameters`
+    is ignored, as transformers reads it."""
+    if cfg.get("rope_scaling"):
+        params, field = dict(cfg["rope_scaling"]), "rope_scaling"
+    else:
+        params, field = dict(cfg.get("rope_parameters") or {}), "rope_parameters"
+    if any(isinstance(value, dict) for value in params.values()):
+        _refuse(field, "per layer type", "one set of rotary parameters for every layer")
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         _refuse(f"{field}.rope_type", rope_type, ", ".join(SUPPORTED_ROPE_TYPES))
-    if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        _refuse("partial_rotary_factor", params.get("partial_rotary_factor", cfg.get("partial_rotary_factor")), "1.0")
+    partial = params.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0
+    if partial != 1.0:
+        _refuse("partial_rotary_factor", partial, "1.0")
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     if rope_type == "default":
         return theta, None
