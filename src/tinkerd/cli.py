@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tinkerd.api.app import create_app
     from tinkerd.core.service import Service
     from tinkerd.engine.client import InProcessEngine
-    from tinkerd.model_store import ModelNotFoundError, resolve_model, seed_hf_cache
+    from tinkerd.model_store import ModelNotFoundError, record_served, resolve_model, seed_hf_cache
 
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -35,6 +35,7 @@ def _serve(args: argparse.Namespace) -> int:
             seed_hf_cache(source)
         logging.info("loading %s from %s", source.name, source.path)
         engines[source.name] = InProcessEngine(source.name, source.path, device=args.device)
+        record_served(source, data_dir)  # so offline commands given only the name find this directory
     service = Service(data_dir, engines, session_timeout=args.session_timeout)
     keys = set(args.api_key) if args.api_key else None
     app = create_app(service, hold_seconds=args.long_poll_seconds, api_keys=keys)

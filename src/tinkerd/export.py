@@ -102,7 +102,10 @@ def export_merged(
     except ValueError as exc:
         raise AdapterError(str(exc)) from None
 
-    merged = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
+    try:
+        merged = AutoModelForCausalLM.from_pretrained(str(base.path), dtype=torch.float32)
+    except (OSError, ValueError) as exc:  # no weights there, an unknown architecture, ...
+        raise AdapterError(f"cannot load base model {base.name} from {base.path}: {exc} (pass --model NAME=DIR)") from None
     embeddings = merged.get_input_embeddings().weight
     output = merged.get_output_embeddings()
     if "lm_head" in lora.a and output is not None and output.weight.data_ptr() == embeddings.data_ptr():

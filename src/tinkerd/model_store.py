@@ -94,6 +94,12 @@ def resolve_model(name_or_path: str, data_dir: Path) -> ModelSource:
         except ModelNotFoundError as exc:
             raise ModelNotFoundError(f"cannot serve {name!r}: {exc}") from None
         return ModelSource(name=name, path=directory.resolve())
+    served = served_models(data_dir).get(name_or_path)
+    if served is not None and (Path(served) / "config.json").exists():
+        # Served earlier as NAME=DIR: offline tools (export merged, import-adapter) given only
+        # the name a checkpoint records find the same directory, not the hub cache's entry
+        # of that name (which may hold only the tokenizer tinkerd seeded there).
+        return ModelSource(name=name_or_path, path=Path(served))
     if name_or_path in _EMBEDDED:
         target = _imported_dir(data_dir, name_or_path)
         if not (target / "config.json").exists():
@@ -106,6 +112,28 @@ def resolve_model(name_or_path: str, data_dir: Path) -> ModelSource:
     except Exception as exc:  # offline, unknown repo, ...
         raise ModelNotFoundError(f"cannot load model {name_or_path!r}: not a local directory and not on the hub ({exc})") from exc
     return ModelSource(name=name_or_path, path=Path(path))
+
+
+def _served_file(data_dir: Path) -> Path:
+    return data_dir / "models" / "served.json"
+
+
+def served_models(data_dir: Path) -> dict[str, str]:
+    """The directory each base model was last served from in this data dir, by name."""
+    try:
+        return json.loads(_served_file(data_dir).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_served(source: ModelSource, data_dir: Path) -> None:
+    """Remember where `source.name` is served from (replaced atomically, newest wins)."""
+    record = {**served_models(data_dir), source.name: str(source.path)}
+    target = _served_file(data_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    os.replace(tmp, target)
 
 
 _TOKENIZER_FILES = (

@@ -164,11 +164,11 @@ def test_downloaded_adapter_loads_in_peft_with_the_same_logprobs(runs: Runs, fam
 def test_export_merged_loads_in_plain_transformers_with_the_same_logprobs(runs: Runs, family: str, tmp_path: Path):
     run = runs[family]
     out = tmp_path / "merged"
-    # --model: the data directory records a run's base model by its public name only, and
-    # offline that name finds just the tokenizer files the server seeded in the HF cache.
+    # No --model: the checkpoint names its base model, which the data dir knows was served
+    # from that family's directory (the HF cache's entry of the name holds only a tokenizer).
     proc = subprocess.run(
         [sys.executable, "-m", "tinkerd.cli", "export", "merged", run["sampler_path"], str(out),
-         "--data-dir", str(runs.server.data_dir), "--model", f"{NAMES[family]}={runs.dirs[family]}"],
+         "--data-dir", str(runs.server.data_dir)],
         env={**os.environ, "PYTHONPATH": str(REPO / "src")}, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tinkerd.model_store import ModelNotFoundError, ModelSource, resolve_model, seed_hf_cache
+from tinkerd.model_store import ModelNotFoundError, ModelSource, record_served, resolve_model, seed_hf_cache
 
 NAME = "myorg/seeded"
 
@@ -23,6 +23,20 @@ def model_dir_at(path: Path) -> Path:
 def test_name_equals_dir_serves_the_directory_under_the_name(tmp_path):
     directory = model_dir_at(tmp_path / "weights")
     assert resolve_model(f"Qwen/Qwen3-8B={directory}", tmp_path) == ModelSource("Qwen/Qwen3-8B", directory.resolve())
+
+
+def test_a_name_served_from_a_directory_resolves_to_it_later_in_the_same_data_dir(tmp_path):
+    """Offline commands (`export merged`, `import-adapter`) given only the name a checkpoint
+    records find the directory the server loaded it from."""
+    served_name = "tinkerd-tests/served-from-a-directory"  # never seeded in any HF cache
+    data_dir = tmp_path / "data"
+    first, second = model_dir_at(tmp_path / "first"), model_dir_at(tmp_path / "second")
+    record_served(resolve_model(f"{served_name}={first}", data_dir), data_dir)
+    assert resolve_model(served_name, data_dir) == ModelSource(served_name, first.resolve())
+    record_served(resolve_model(f"{served_name}={second}", data_dir), data_dir)  # served again from elsewhere
+    assert resolve_model(served_name, data_dir) == ModelSource(served_name, second.resolve())
+    with pytest.raises(ModelNotFoundError):  # another data dir knows nothing of it (and the hub is offline)
+        resolve_model(served_name, tmp_path / "other")
 
 
 def test_a_plain_directory_keeps_its_path_as_name_even_with_an_equals_sign(tmp_path):
