@@ -100,13 +100,12 @@ class InProcessEngine(EngineClient):
         import torch
         from transformers import AutoTokenizer
 
-        from tinkerd.engine.model import LlamaModel
         from tinkerd.engine.sampler import AdapterCache, Sampler
         from tinkerd.engine.trainer import Trainer
 
         device = torch.device(self._device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = LlamaModel.load(self.model_dir, device, dtype)
+        model = self._load_model(device, dtype)
         packed = os.environ.get("TINKERD_CPU_PACKED", "1") != "0" and model.pack_for_cpu()
         fused_kernels = model.use_cpu_kernels()
         if device.type == "cpu":
@@ -118,6 +117,12 @@ class InProcessEngine(EngineClient):
         adapters = AdapterCache(self._sampler_cache_size, device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         return Trainer(model, self.name, adapters.put), Sampler(model, tokenizer, adapters, self.cancellations)
+
+    def _load_model(self, device: Any, dtype: Any) -> Any:
+        """The model of `model_dir` (a benchmark's engine may build one another way)."""
+        from tinkerd.engine.model import LlamaModel
+
+        return LlamaModel.load(self.model_dir, device, dtype)
 
     # -- the door --------------------------------------------------------------------------
 
