@@ -2,6 +2,12 @@
 
 Results are produced on the engine thread and handed to the event loop; a
 `retrieve_future` call waits on an asyncio.Event for up to its hold time.
+
+Results do not live forever (a long RL session makes thousands, some of them large
+sample results): one that was delivered is kept for `DELIVERED_RETENTION_S` after its
+first delivery, long enough for the SDK to poll it again after a lost response, then
+dropped; one that no client ever fetched is dropped `UNCLAIMED_RETENTION_S` after it was
+resolved; those of an ended session go with the session.
 """
 
 from __future__ import annotations
@@ -9,8 +15,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+DELIVERED_RETENTION_S = 300.0
+UNCLAIMED_RETENTION_S = 3600.0
+_SWEEP_EVERY_S = 10.0
 
 
 @dataclass
@@ -29,20 +40,41 @@ class FutureEntry:
     failure: Failure | None = None
     created: float = field(default_factory=time.monotonic)
     wire_cache: Any = None  # the API layer may cache the encoded result here
+    resolved_at: float | None = None
+    delivered_at: float | None = None  # first time a poll received the result
 
 
 class FutureStore:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: dict[str, FutureEntry] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock = clock
+        self._last_sweep = clock()
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
     def create(self, kind: str, session_id: str | None) -> FutureEntry:
-        entry = FutureEntry(request_id=f"req-{uuid.uuid4().hex}", kind=kind, session_id=session_id)
+        entry = FutureEntry(request_id=f"req-{uuid.uuid4().hex}", kind=kind, session_id=session_id, created=self._clock())
         self._entries[entry.request_id] = entry
+        if entry.created - self._last_sweep >= _SWEEP_EVERY_S:  # amortised: no timer of its own
+            self.sweep()
         return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def sweep(self) -> int:
+        """Drop results past their retention (module docstring); returns how many."""
+        now = self._last_sweep = self._clock()
+        expired = [
+            rid for rid, e in self._entries.items()
+            if (e.delivered_at is not None and now - e.delivered_at > DELIVERED_RETENTION_S)
+            or (e.delivered_at is None and e.resolved_at is not None and now - e.resolved_at > UNCLAIMED_RETENTION_S)
+        ]
+        for rid in expired:
+            del self._entries[rid]
+        return len(expired)
 
     def get(self, request_id: str) -> FutureEntry | None:
         return self._entries.get(request_id)
@@ -53,6 +85,7 @@ class FutureStore:
         def _set() -> None:
             entry.result = result
             entry.failure = failure
+            entry.resolved_at = self._clock()
             entry.event.set()
 
         if self._loop is None:
@@ -61,11 +94,15 @@ class FutureStore:
             self._loop.call_soon_threadsafe(_set)
 
     async def wait(self, entry: FutureEntry, timeout: float) -> bool:
+        """Wait up to `timeout` for the result; True when it is there, and the caller
+        delivers it (which starts its retention)."""
         try:
             await asyncio.wait_for(entry.event.wait(), timeout)
-            return True
         except asyncio.TimeoutError:
             return False
+        if entry.delivered_at is None:
+            entry.delivered_at = self._clock()
+        return True
 
     def drop_session(self, session_id: str) -> None:
         for rid in [r for r, e in self._entries.items() if e.session_id == session_id and e.event.is_set()]:
