@@ -164,3 +164,30 @@ class ForwardBackwardCall:
     loss_fn: str
     config: dict
     forward_only: bool
+
+
+@dataclass(frozen=True)
+class LatencyHistogram:
+    """Observations of one latency, bucketed: `counts[i]` of them were at most `bounds[i]`
+    seconds and more than the bound before (the last count: above every bound)."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of one engine: what it is, what it is doing now, and counters since it
+    started. Read by /metrics and the server status; cheap to take at any time."""
+
+    device: str
+    dtype: str
+    queued_jobs: int  # training, checkpoint and other jobs waiting for the engine thread
+    samples_waiting: int  # sample requests not yet admitted into the decode batch
+    sample_rows_running: int  # sequences decoding now
+    adapters_trainable: int
+    adapters_cached: int  # sampler checkpoints held in memory
+    memory_bytes: int  # on the engine's device: CUDA memory allocated, else the process's resident set
+    counters: dict[str, int]  # decode_steps, prefill_tokens, decode_tokens, train_tokens, adapter_cache_{hits,misses,evictions}
+    latencies: dict[str, LatencyHistogram]  # time_to_first_token, decode_step, forward_backward, optim_step
