@@ -302,3 +302,39 @@ def test_the_model_loads_on_the_engine_thread_and_load_errors_reach_the_caller(m
         eng.shutdown()
     with pytest.raises(FileNotFoundError):
         InProcessEngine("missing", tmp_path / "no-such-model", device="cpu")
+
+
+def test_a_request_that_fails_inside_a_shared_batch_fails_alone(engine):
+    """One request's bad values (here sent past the core's checks, straight to the engine) must
+    not fail the other requests of its prefill pass or decode steps."""
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=5, ignore_eos=True)
+    alone = engine.sample(SampleRequest(prompt=TOKENS[:6].tolist(), num_samples=2, params=params)).result()
+
+    def sink_that_fails_on_the_second_token(event):
+        if len(seen := sink_that_fails_on_the_second_token.tokens) == 1:
+            raise RuntimeError("the client's token sink failed")
+        seen.append(event.token)
+
+    sink_that_fails_on_the_second_token.tokens = []
+    gate = threading.Event()
+    blocker = engine.run_on_engine_thread(gate.wait)  # hold the engine so every request shares one batch
+    good = [engine.sample(SampleRequest(prompt=TOKENS[:6].tolist(), num_samples=2, params=params)) for _ in range(3)]
+    out_of_vocabulary = engine.sample(SampleRequest(prompt=[1, 10**6, 2], num_samples=1, params=params))
+    huge_top_k = engine.sample(SampleRequest(prompt=TOKENS[:6].tolist(), num_samples=1, params=params,
+                                             topk_sample_logprobs=10**6, topk_prompt_logprobs=10**6, prompt_logprobs=True))
+    failing_sink = engine.sample(SampleRequest(prompt=TOKENS[:6].tolist(), num_samples=1, params=params),
+                                 on_token=sink_that_fails_on_the_second_token)
+    gate.set()
+    blocker.result()
+    for f in good:
+        assert [s.tokens for s in f.result(timeout=120).sequences] == [s.tokens for s in alone.sequences]
+    with pytest.raises(IndexError):
+        out_of_vocabulary.result(timeout=120)
+    with pytest.raises(RuntimeError, match="token sink"):
+        failing_sink.result(timeout=120)
+    # Past the vocabulary, top-k means the whole vocabulary: served, not a failure of the batch.
+    result = huge_top_k.result(timeout=120)
+    assert len(result.sequences[0].topk_ids[0]) == engine.info.vocab_size
+    # The engine keeps serving.
+    assert engine.sample(SampleRequest(prompt=TOKENS[:6].tolist(), num_samples=2, params=params)).result().sequences[0].tokens \
+        == alone.sequences[0].tokens

@@ -159,17 +159,43 @@ class Sampler:
         first_seen: dict[int, int] = {}
         ready.sort(key=lambda item: first_seen.setdefault(id(item[1]), len(first_seen)))
         for group in token_budget_groups(ready, TOKENS_PER_TRAIN_PASS, key=lambda item: len(item[0].request.prompt)):
+            touched: set[int] = set()
             try:
-                self._prefill(group)
-            except BaseException as exc:  # noqa: BLE001
-                log.exception("prefill failed")
-                for item, _ in group:
-                    if not item.future.done():
-                        self.cancellations.forget(item.request.request_id)
-                        item.future.set_exception(exc)
+                self._prefill(group, touched)
+            except BaseException as exc:  # noqa: BLE001 - retried one request at a time below
+                self._prefill_one_by_one(group, touched, exc)
 
-    def _prefill(self, group: list[tuple[PendingSample, LoraWeights | None]]) -> None:
-        """One causal pass over right-padded prompts (row i uses request i's adapter)."""
+    def _prefill_one_by_one(self, group: list[tuple[PendingSample, LoraWeights | None]], touched: set[int],
+                            exc: BaseException) -> None:
+        """A shared prefill pass failed: each request it had not started yet is prefilled on its
+        own, so a request whose values fail a pass fails alone and the others go on. A request
+        the pass had started (it may have streamed a token) and not placed fails with it."""
+        if len(group) == 1:
+            log.exception("prefill failed", exc_info=exc)
+        else:
+            log.warning("a prefill pass of %d requests failed (%s: %s); prefilling them one by one",
+                        len(group), type(exc).__name__, exc)
+        running = {id(row.request.future) for row in self.rows}
+        for item, adapter in group:
+            if item.future.done() or id(item.future) in running:
+                continue
+            if len(group) == 1 or id(item) in touched:
+                self._fail_pending(item, exc)
+                continue
+            try:
+                self._prefill([(item, adapter)], set())
+            except BaseException as alone:  # noqa: BLE001 - this request alone fails
+                log.exception("prefill of request %s failed", item.request.request_id)
+                self._fail_pending(item, alone)
+
+    def _fail_pending(self, item: PendingSample, exc: BaseException) -> None:
+        if not item.future.done():
+            self.cancellations.forget(item.request.request_id)
+            item.future.set_exception(exc)
+
+    def _prefill(self, group: list[tuple[PendingSample, LoraWeights | None]], touched: set[int]) -> None:
+        """One causal pass over right-padded prompts (row i uses request i's adapter). The
+        requests whose rows it has created are added to `touched`."""
         lengths = [len(item.request.prompt) for item, _ in group]
         tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
         for i, (item, _) in enumerate(group):
@@ -194,10 +220,16 @@ class Sampler:
         for i, (item, adapter) in enumerate(group):
             request = item.request
             n = lengths[i]
-            prompt_logits = None
-            if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
-                prompt_logits = self.model.logits(hidden[i : i + 1, :n], AdapterBatch.single(adapter, 1))[0]
-            rows = self._start_request(item, adapter, tokens[i, :n], prompt_logits)
+            try:
+                prompt_logits = None
+                if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
+                    prompt_logits = self.model.logits(hidden[i : i + 1, :n], AdapterBatch.single(adapter, 1))[0]
+                rows = self._start_request(item, adapter, tokens[i, :n], prompt_logits)
+            except BaseException as exc:  # noqa: BLE001 - its own prompt scores: this request alone fails
+                log.exception("prompt scores of request %s failed", request.request_id)
+                self._fail_pending(item, exc)
+                continue
+            touched.add(id(item))
             if rows:
                 own_kv = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv]
                 started.append((rows, own_kv, n, request.params.max_tokens))
@@ -226,9 +258,9 @@ class Sampler:
                 got = lsm.gather(-1, tokens[1:, None])[:, 0]
                 result.prompt_logprobs = [float("nan")] + got.cpu().tolist()
                 if request.prompt_logprobs_last_n is not None:
-                    cut = max(0, len(prompt) - request.prompt_logprobs_last_n)
+                    cut = min(len(prompt), max(0, len(prompt) - request.prompt_logprobs_last_n))
                     result.prompt_logprobs[:cut] = [float("nan")] * cut
-            k = request.topk_prompt_logprobs
+            k = min(request.topk_prompt_logprobs, lsm.shape[-1])
             if k > 0:
                 top = torch.topk(lsm, k, dim=-1)
                 result.topk_prompt_ids = [[0] * k] + top.indices.cpu().tolist()
@@ -273,38 +305,80 @@ class Sampler:
         logprob. Randomness comes from each row's own generator, so a row's token depends
         only on its seed and its logits.
         """
-        choice = choose_tokens(logits, [r.request.request.params for r in rows], [r.generator for r in rows])
-        logprobs = torch.log_softmax(logits, dim=-1)
-        picked = logprobs.gather(-1, choice[:, None])[:, 0]
-        k = max(r.request.request.topk_sample_logprobs for r in rows)
-        top = torch.topk(logprobs, k, dim=-1) if k > 0 else None
+        try:
+            choice = choose_tokens(logits, [r.request.request.params for r in rows], [r.generator for r in rows])
+            logprobs = torch.log_softmax(logits, dim=-1)
+            picked = logprobs.gather(-1, choice[:, None])[:, 0]
+            k = min(max(r.request.request.topk_sample_logprobs for r in rows), logprobs.shape[-1])
+            top = torch.topk(logprobs, k, dim=-1) if k > 0 else None
+        except BaseException as exc:  # noqa: BLE001 - retried one request at a time
+            self._accept_one_by_one(rows, logits, exc)
+            return
         tokens = choice.tolist()
         token_lps = picked.tolist()
         top_ids = top.indices.tolist() if top is not None else None
         top_lps = top.values.tolist() if top is not None else None
         for i, row in enumerate(rows):
-            active = row.request
-            req = active.request
-            params = req.params
-            token = tokens[i]
-            row.tokens.append(token)
-            row.logprobs.append(token_lps[i])
-            top_pairs = None
-            if req.topk_sample_logprobs > 0:
-                row.topk_ids.append(top_ids[i][: req.topk_sample_logprobs])
-                row.topk_lps.append(top_lps[i][: req.topk_sample_logprobs])
-                top_pairs = tuple(zip(row.topk_ids[-1], row.topk_lps[-1], strict=True))
-            if active.on_token is not None:
-                active.on_token(TokenEvent(row.index, token, row.logprobs[-1], top_pairs))
-            row.last_token = token
-            stop = (not params.ignore_eos and token in self.cfg.eos_token_ids) or token in params.stop_token_ids
-            if not stop and params.stop_strings:
-                text = self.tokenizer.decode(row.tokens[-64:], skip_special_tokens=False)
-                stop = any(s in text for s in params.stop_strings)
-            if not stop and req.request_id:
-                stop = self.cancellations.is_cancelled(req.request_id, row.index)
-            if stop or len(row.tokens) >= params.max_tokens:
-                self._finish_row(row, "stop" if stop else "length")
+            if row.done:
+                continue  # its request failed at an earlier row of this step
+            try:
+                self._take_token(row, tokens[i], token_lps[i], top_ids[i] if top_ids is not None else None,
+                                 top_lps[i] if top_lps is not None else None)
+            except BaseException as exc:  # noqa: BLE001 - its own stop check or token sink: this request alone fails
+                log.exception("request %s failed while taking a token", row.request.request.request_id)
+                self._fail_request(row.request, rows, exc)
+
+    def _accept_one_by_one(self, rows: list[_Row], logits: torch.Tensor, exc: BaseException) -> None:
+        """The batched token choice failed: each request's rows choose on their own, so a
+        request whose values fail the choice fails alone and the others go on."""
+        by_request: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_request.setdefault(id(row.request), []).append(i)
+        if len(by_request) == 1:
+            log.exception("token choice failed", exc_info=exc)
+            self._fail_request(rows[0].request, rows, exc)
+            return
+        for indices in by_request.values():
+            own = [rows[i] for i in indices]
+            try:
+                self._accept_tokens(own, logits[torch.tensor(indices, device=logits.device)])
+            except BaseException as alone:  # noqa: BLE001 - this request alone fails
+                log.exception("token choice of request %s failed", own[0].request.request.request_id)
+                self._fail_request(own[0].request, rows, alone)
+
+    def _fail_request(self, active: _ActiveSample, step_rows: list[_Row], exc: BaseException) -> None:
+        """Fail one request: its rows (in the batch, or in `step_rows` not yet placed) are done."""
+        for row in (*self.rows, *step_rows):
+            if row.request is active:
+                row.done = True
+        if not active.future.done():
+            self.cancellations.forget(active.request.request_id)
+            active.future.set_exception(exc)
+
+    def _take_token(self, row: _Row, token: int, token_lp: float, top_ids: list[int] | None,
+                    top_lps: list[float] | None) -> None:
+        """Append a chosen token to its row, stream it, and check the row's stop conditions."""
+        active = row.request
+        req = active.request
+        params = req.params
+        row.tokens.append(token)
+        row.logprobs.append(token_lp)
+        top_pairs = None
+        if req.topk_sample_logprobs > 0 and top_ids is not None and top_lps is not None:
+            row.topk_ids.append(top_ids[: req.topk_sample_logprobs])
+            row.topk_lps.append(top_lps[: req.topk_sample_logprobs])
+            top_pairs = tuple(zip(row.topk_ids[-1], row.topk_lps[-1], strict=True))
+        if active.on_token is not None:
+            active.on_token(TokenEvent(row.index, token, token_lp, top_pairs))
+        row.last_token = token
+        stop = (not params.ignore_eos and token in self.cfg.eos_token_ids) or token in params.stop_token_ids
+        if not stop and params.stop_strings:
+            text = self.tokenizer.decode(row.tokens[-64:], skip_special_tokens=False)
+            stop = any(s in text for s in params.stop_strings)
+        if not stop and req.request_id:
+            stop = self.cancellations.is_cancelled(req.request_id, row.index)
+        if stop or len(row.tokens) >= params.max_tokens:
+            self._finish_row(row, "stop" if stop else "length")
 
     def _finish_row(self, row: _Row, reason: str) -> None:
         row.done = True

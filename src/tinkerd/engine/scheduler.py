@@ -134,8 +134,14 @@ class Scheduler:
                         log.exception("engine job failed")
                     job.future.set_exception(exc)
             if new_samples:
-                with torch.inference_mode():
-                    sampler.admit(new_samples)
+                try:
+                    with torch.inference_mode():
+                        sampler.admit(new_samples)
+                except BaseException as exc:  # noqa: BLE001 - admission fails each request alone; this is a last resort
+                    log.exception("admitting samples failed")
+                    for item in new_samples:
+                        if not item.future.done():
+                            item.future.set_exception(exc)
             if sampler.rows:
                 try:
                     with torch.inference_mode():
