@@ -61,6 +61,12 @@ def run_json(summary: RunSummary) -> dict[str, Any]:
     return out
 
 
+def run_activity_json(run: RunRow, progress: tuple[int, float | None], connected: bool) -> dict[str, Any]:
+    """tinkerd extension fields of a run (the SDK's TrainingRun ignores fields it does not know)."""
+    steps, latest_loss = progress
+    return {"created_at": iso(run.created_at), "steps": steps, "latest_loss": latest_loss, "connected": connected}
+
+
 def weights_info_json(run: RunRow) -> dict[str, Any]:
     return {
         "base_model": run.base_model,
@@ -88,23 +94,31 @@ def build_rest_router(service: Service) -> APIRouter:
 
     # -- training runs -------------------------------------------------------------------
 
+    def runs_json(summaries: list[RunSummary]) -> list[dict[str, Any]]:
+        progress = registry.run_progress([s.run.id for s in summaries])
+        return [{**run_json(s), **run_activity_json(s.run, progress[s.run.id], s.run.id in service.models)} for s in summaries]
+
     @r.get("/training_runs")
-    async def list_training_runs(limit: int = Query(20), offset: int = Query(0)) -> dict:
+    async def list_training_runs(limit: int = Query(20), offset: int = Query(0), base_model: str | None = Query(None),
+                                 search: str | None = Query(None)) -> dict:
+        """base_model and search (a substring of the run id or base model) are tinkerd extensions."""
         limit, offset = page(limit, offset)
-        runs, total = registry.list_runs(limit, offset)
-        return {"training_runs": [run_json(s) for s in runs], "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+        runs, total = registry.list_runs(limit, offset, base_model, search)
+        return {"training_runs": runs_json(runs), "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
     @r.get("/training_runs/{run_id}")
     async def get_training_run(run_id: str) -> dict:
-        return run_json(registry.run(run_id))
+        return runs_json([registry.run(run_id)])[0]
 
     @r.get("/training_runs/{run_id}/metrics")
-    async def metric_history(run_id: str) -> dict:
-        """tinkerd extension: every metric each forward/backward/optim_step reported, in order."""
-        rows = registry.metric_history(run_id)
+    async def metric_history(run_id: str, after_id: int = Query(0)) -> dict:
+        """tinkerd extension: every metric each forward/backward/optim_step reported, in order;
+        with after_id (the last_id of an earlier answer), only the metrics recorded since."""
+        rows = registry.metric_history(run_id, after_id)
         return {
             "training_run_id": run_id,
-            "metrics": [{"seq_id": m.seq_id, "kind": m.kind, "key": m.key, "value": m.value, "time": iso(m.time)} for m in rows],
+            "metrics": [{"id": m.id, "seq_id": m.seq_id, "kind": m.kind, "key": m.key, "value": m.value, "time": iso(m.time)} for m in rows],
+            "last_id": rows[-1].id if rows else after_id,
         }
 
     # -- checkpoints ---------------------------------------------------------------------

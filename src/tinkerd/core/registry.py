@@ -141,12 +141,39 @@ class Registry:
                 latest.setdefault((row.run_id, row.kind), row)
         return [RunSummary(r, latest.get((r.id, "weights")), latest.get((r.id, "sampler_weights"))) for r in runs]
 
-    def list_runs(self, limit: int, offset: int) -> tuple[list[RunSummary], int]:
-        """Newest first."""
+    def list_runs(self, limit: int, offset: int, base_model: str | None = None, search: str | None = None) -> tuple[list[RunSummary], int]:
+        """Newest first; optionally only one base model's runs, or runs whose id or base model contains `search`."""
+        q = select(RunRow)
+        if base_model:
+            q = q.where(RunRow.base_model == base_model)
+        if search:
+            pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            q = q.where(RunRow.id.like(pattern, escape="\\") | RunRow.base_model.like(pattern, escape="\\"))
         with self.db() as s:
-            total = s.scalar(select(func.count()).select_from(RunRow)) or 0
-            runs = list(s.scalars(select(RunRow).order_by(RunRow.created_at.desc(), RunRow.id.desc()).offset(offset).limit(limit)))
+            total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
+            runs = list(s.scalars(q.order_by(RunRow.created_at.desc(), RunRow.id.desc()).offset(offset).limit(limit)))
         return self._summaries(runs), total
+
+    def run_progress(self, run_ids: list[str]) -> dict[str, tuple[int, float | None]]:
+        """Per run: optimizer steps taken, and the last loss a forward pass reported (None before any)."""
+        if not run_ids:
+            return {}
+        with self.db() as s:
+            steps = dict(
+                s.execute(
+                    select(MetricRow.run_id, func.count(func.distinct(MetricRow.seq_id)))
+                    .where(MetricRow.run_id.in_(run_ids), MetricRow.kind == "optim_step")
+                    .group_by(MetricRow.run_id)
+                ).all()
+            )
+            last_loss_id = (
+                select(MetricRow.run_id, func.max(MetricRow.id).label("id"))
+                .where(MetricRow.run_id.in_(run_ids), MetricRow.kind.in_(["forward_backward", "forward"]), MetricRow.key.like("loss%"))
+                .group_by(MetricRow.run_id)
+                .subquery()
+            )
+            losses = dict(s.execute(select(MetricRow.run_id, MetricRow.value).join(last_loss_id, MetricRow.id == last_loss_id.c.id)).all())
+        return {run_id: (steps.get(run_id, 0), losses.get(run_id)) for run_id in run_ids}
 
     def run_row(self, run_id: str) -> RunRow:
         with self.db() as s:
@@ -158,10 +185,13 @@ class Registry:
     def run(self, run_id: str) -> RunSummary:
         return self._summaries([self.run_row(run_id)])[0]
 
-    def metric_history(self, run_id: str) -> list[MetricRow]:
+    def metric_history(self, run_id: str, after_id: int = 0) -> list[MetricRow]:
+        """The run's metrics in the order they were reported; only those recorded after the
+        metric `after_id` when given (so a live chart fetches each point once)."""
         self.run_row(run_id)
         with self.db() as s:
-            return list(s.scalars(select(MetricRow).where(MetricRow.run_id == run_id).order_by(MetricRow.id)))
+            q = select(MetricRow).where(MetricRow.run_id == run_id, MetricRow.id > after_id).order_by(MetricRow.id)
+            return list(s.scalars(q))
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -267,8 +297,9 @@ class Registry:
         return f"{payload}.{self._signature(payload)}"
 
     def download_urls(self, path: TinkerPath, base_url: str, now: dt.datetime | None = None) -> tuple[dict[str, str], dt.datetime]:
-        """{relative file name: signed URL} for every file of an external_weights checkpoint."""
-        if path.kind != "external_weights":
+        """{relative file name: signed URL} for every file of an external_weights or sampler_weights
+        checkpoint (both are PEFT adapters; a weights/ checkpoint also holds optimizer state)."""
+        if path.kind not in ("external_weights", "sampler_weights"):
             raise UserError(
                 f"{path} is not an external_weights checkpoint: save one with TrainingClient.save_weights_external "
                 "(or use `tinker checkpoint download` for weights/ paths)"
