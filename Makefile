@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast test-cookbook lint bench clean
+.PHONY: serve test test-fast test-cookbook test-browser browser vendor-console vendor-console-check lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,7 @@ serve: $(STAMP)
 
 # The whole suite, with the cookbook acceptance tier (tests/acceptance): ~4 min more on a
 # quiet 2-core box, plus ~2.5 min to build its venv the first time. test-fast leaves it out.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: $(STAMP)
@@ -36,6 +36,28 @@ test-fast: $(STAMP)
 # Builds its own venv at .data/cookbook-venv on first use (PyPI), then reuses it.
 test-cookbook: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m acceptance -rA tests/acceptance
+
+# The console in a real browser (tests/browser): Debian's chromium, driven by Playwright
+# with the system browser as its executable (Playwright never downloads one).
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMIUM):
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
+
+browser: $(CHROMIUM)
+
+test-browser: $(STAMP) browser
+	$(PY) -m pytest -q -p no:cacheprovider tests/browser
+
+# Refresh the console's vendored uPlot from the npm registry (UPLOT_VERSION=x.y.z to change
+# it), or just check the files against their manifest (vendor-console-check).
+vendor-console:
+	$(PYTHON) tools/vendor_console.py refresh $(if $(UPLOT_VERSION),--version $(UPLOT_VERSION))
+
+vendor-console-check:
+	$(PYTHON) tools/vendor_console.py verify
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
