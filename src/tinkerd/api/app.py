@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tinkerd.api.console_routes import is_console_path, mount_console
 from tinkerd.api.openai_routes import build_openai_routers
 from tinkerd.api.rest_routes import SIGNED_DOWNLOAD_PATH, build_rest_router
 from tinkerd.api.tinker_routes import build_router
@@ -43,7 +44,7 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if request.url.path not in OPEN_PATHS:
+        if request.url.path not in OPEN_PATHS and not is_console_path(request.url.path):
             key = api_key_of(request)
             if not key:
                 return _error(401, "missing API key: send X-API-Key (or Authorization: Bearer) with a tml- key", request)
@@ -64,6 +65,7 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
     app.include_router(build_rest_router(service))
     for router in build_openai_routers(service):
         app.include_router(router)
+    mount_console(app, service)
     return app
 
 

@@ -1,0 +1,42 @@
+"""The browser tier: a real tinkerd with one trained run, and Debian's chromium driven by
+Playwright with the system browser as its executable (Playwright never downloads one).
+
+`make browser` installs chromium with apt-get (`make test` and `make test-browser` do it
+first). Screenshots of each page are written to .data/test-artifacts/console/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from console_testing import API_KEY, CHROMIUM_FLAGS, chromium_path
+
+from tinkerd_testing import Server
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import expect, sync_playwright
+
+    expect.set_options(timeout=30_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def console_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    srv = Server(model_dir, tmp_path_factory.mktemp("console") / "data", ["--api-key", API_KEY]).start()
+    yield srv
+    srv.stop()
