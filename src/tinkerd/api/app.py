@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from tinkerd.api.console_routes import is_console_path, mount_console
+from tinkerd.api.metrics_routes import METRICS_PATH, build_metrics
 from tinkerd.api.openai_routes import build_openai_routers
 from tinkerd.api.rest_routes import SIGNED_DOWNLOAD_PATH, build_rest_router
 from tinkerd.api.tinker_routes import build_router
@@ -19,7 +20,7 @@ from tinkerd.types import UserError
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/", SIGNED_DOWNLOAD_PATH}
+OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/", SIGNED_DOWNLOAD_PATH, METRICS_PATH}
 
 
 def api_key_of(request: Request) -> str | None:
@@ -52,6 +53,10 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
                 return _error(401, "invalid API key: keys start with 'tml-'", request)
         return await call_next(request)
 
+    # Added after `authenticate`, so it runs around it and counts refused requests too.
+    metrics_router, count_requests = build_metrics(service)
+    app.middleware("http")(count_requests)
+
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError):
         return _error(exc.status, str(exc), request, exc.field)
@@ -63,6 +68,7 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
 
     app.include_router(build_router(service, hold_seconds))
     app.include_router(build_rest_router(service))
+    app.include_router(metrics_router)
     for router in build_openai_routers(service):
         app.include_router(router)
     mount_console(app, service)

@@ -64,6 +64,10 @@ class FutureStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def pending(self) -> int:
+        """Futures whose result is not there yet."""
+        return sum(1 for e in list(self._entries.values()) if not e.event.is_set())
+
     def sweep(self) -> int:
         """Drop results past their retention (module docstring); returns how many."""
         now = self._last_sweep = self._clock()

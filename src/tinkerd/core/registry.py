@@ -359,6 +359,13 @@ class Registry:
             shutil.rmtree(ephemeral, ignore_errors=True)
         return removed
 
+    def checkpoint_usage(self) -> dict[str, tuple[int, int]]:
+        """Checkpoints by kind ("weights", "sampler_weights"): (how many, bytes on disk)."""
+        with self.db() as s:
+            rows = s.execute(select(CheckpointRow.kind, func.count(), func.coalesce(func.sum(CheckpointRow.size_bytes), 0))
+                             .group_by(CheckpointRow.kind)).all()
+        return {kind: (int(count), int(size)) for kind, count, size in rows}
+
 
 def checkpoint_kind_label(kind: str) -> str:
     return CHECKPOINT_KINDS[kind]
@@ -367,3 +374,4 @@ def checkpoint_kind_label(kind: str) -> str:
 def iso(value: dt.datetime | None) -> str | None:
     """Timezone-aware ISO-8601 (the CLI compares these with aware datetimes)."""
     return aware(value).isoformat() if value is not None else None
+

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from tinkerd.types import AdamParams, ForwardBackwardCall, LoraSpec, ModelInfo, SampleRequest, TokenEvent
+from tinkerd.types import AdamParams, EngineStats, ForwardBackwardCall, LoraSpec, ModelInfo, SampleRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +73,17 @@ class EngineClient(ABC):
     def shutdown(self) -> None:
         """Stop the engine; requests still queued never complete."""
 
+    @abstractmethod
+    def stats(self) -> EngineStats:
+        """A snapshot of what the engine is and does (gauges) and has done (counters,
+        latency histograms), taken without waiting for the engine thread."""
+
 
 class InProcessEngine(EngineClient):
     """The engine of one base model, in this process, on its own thread."""
 
     def __init__(self, name: str, model_dir: Path, device: str | None = None, sampler_cache_size: int = 64):
+        from tinkerd.engine.meter import EngineMeter
         from tinkerd.engine.sampler import Cancellations
 
         self.name = name
@@ -85,6 +91,7 @@ class InProcessEngine(EngineClient):
         self._device = device
         self._sampler_cache_size = sampler_cache_size
         self.cancellations = Cancellations()
+        self.meter = EngineMeter()  # counters and latencies, read by stats()
         from tinkerd.engine.scheduler import Scheduler
 
         self.scheduler = Scheduler(name, self._build)
@@ -114,7 +121,7 @@ class InProcessEngine(EngineClient):
                      cfg.architecture, "on" if packed else "off", "on" if fused_kernels else "off",
                      " (q/k head norms in torch before the attention kernel)" if fused_kernels and cfg.qk_norm else "",
                      "; experts in torch, grouped by expert" if cfg.moe else "")
-        adapters = AdapterCache(self._sampler_cache_size, device, dtype)
+        adapters = AdapterCache(self._sampler_cache_size, device, dtype, self.meter)
         tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         return Trainer(model, self.name, adapters.put), Sampler(model, tokenizer, adapters, self.cancellations)
 
@@ -139,7 +146,7 @@ class InProcessEngine(EngineClient):
         return self.scheduler.submit_forward_backward(call)
 
     def optim_step(self, adapter_id: str, params: AdamParams) -> Future:
-        return self.scheduler.submit_for(adapter_id, self.trainer.optim_step, adapter_id, params)
+        return self.scheduler.submit_for(adapter_id, self.meter.timing("optim_step", self.trainer.optim_step), adapter_id, params)
 
     def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool, sampler_key: str | None = None) -> Future:
         return self.scheduler.submit_for(adapter_id, self.trainer.save_adapter, adapter_id, directory, with_optimizer, sampler_key)
@@ -155,6 +162,32 @@ class InProcessEngine(EngineClient):
 
     def shutdown(self) -> None:
         self.scheduler.shutdown()
+
+    def stats(self) -> EngineStats:
+        import resource
+
+        import torch
+
+        device = self.model.device
+        if device.type == "cuda":
+            memory = torch.cuda.memory_allocated(device)
+        else:
+            try:  # resident set size, in pages
+                memory = int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+            except (OSError, ValueError, IndexError):
+                memory = 0
+        return EngineStats(
+            device=str(device),
+            dtype=str(self.model.dtype).removeprefix("torch."),
+            queued_jobs=self.scheduler.queued_jobs(),
+            samples_waiting=self.scheduler.queued_samples(),
+            sample_rows_running=len(self.sampler.rows),
+            adapters_trainable=len(self.trainer.adapters),
+            adapters_cached=len(self.sampler.adapters),
+            memory_bytes=memory,
+            counters=dict(self.meter.counters),
+            latencies=self.meter.latencies(),
+        )
 
     # -- in this process only --------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tinkerd.engine.meter import EngineMeter
 from tinkerd.engine.model import AdapterBatch, AdapterSegment, GroupedLora, KVCache, LlamaModel, LoraStacks, LoraWeights
 from tinkerd.engine.peft_io import read_checkpoint_dir
 from tinkerd.engine.sampling import choose_tokens, make_generator
@@ -66,6 +68,7 @@ class PendingSample:
     request: SampleRequest
     future: Future
     on_token: TokenSink | None = None
+    submitted: float = field(default_factory=time.perf_counter)  # for the time to first token
 
 
 @dataclass
@@ -96,17 +99,22 @@ class AdapterCache:
     """Sampler adapters by key, least recently used first out: a checkpoint is read from disk
     once, then served from memory (and its decode-kernel layout is kept with it)."""
 
-    def __init__(self, size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, size: int, device: torch.device, dtype: torch.dtype, meter: EngineMeter | None = None):
         self._entries: OrderedDict[str, LoraWeights] = OrderedDict()
         self.size = size
         self.device = device
         self.dtype = dtype
+        self.meter = meter or EngineMeter()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def put(self, key: str, weights: LoraWeights) -> None:
         self._entries[key] = weights
         self._entries.move_to_end(key)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
+            self.meter.count("adapter_cache_evictions")
 
     def get(self, ref: AdapterRef | None) -> LoraWeights | None:
         if ref is None:
@@ -114,7 +122,9 @@ class AdapterCache:
         cached = self._entries.get(ref.key)
         if cached is not None:
             self._entries.move_to_end(ref.key)
+            self.meter.count("adapter_cache_hits")
             return cached
+        self.meter.count("adapter_cache_misses")
         _, weights = read_checkpoint_dir(Path(ref.directory), self.device)
         weights = LoraWeights(
             a={k: v.to(self.dtype) for k, v in weights.a.items()},
@@ -139,6 +149,7 @@ class Sampler:
         self._cache: KVCache | None = None
         self._lora_stacks: OrderedDict = OrderedDict()  # adapter set → stacked LoRA weights for mixed decode
         self.stats = {"decode_steps": 0, "prefill_passes": 0}
+        self.meter = adapters.meter
 
     # -- admission -------------------------------------------------------------------------
 
@@ -209,6 +220,7 @@ class Sampler:
                 segments.append(AdapterSegment(i, i + 1, adapter))
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stats["prefill_passes"] += 1
+        self.meter.count("prefill_tokens", sum(lengths))
         batch = AdapterBatch(segments)
         hidden = self.model.hidden_states(tokens, batch, kv_out=kv)
         # Every prompt's last position in one unembedding: its logits give the first token.
@@ -238,6 +250,9 @@ class Sampler:
             return
         # The first token of every sample of every request in one batched choice.
         self._accept_tokens([row for rows, *_ in started for row in rows], last_logits[torch.tensor(row_sources, device=self.device)])
+        now = time.perf_counter()
+        for item, _ in group:
+            self.meter.observe("time_to_first_token", now - item.submitted)
         for rows, own_kv, n, max_tokens in started:
             live = [row for row in rows if not row.done]
             if live:
@@ -316,6 +331,7 @@ class Sampler:
             return
         tokens = choice.tolist()
         token_lps = picked.tolist()
+        self.meter.count("decode_tokens", len(rows))
         top_ids = top.indices.tolist() if top is not None else None
         top_lps = top.values.tolist() if top is not None else None
         for i, row in enumerate(rows):

@@ -96,6 +96,14 @@ class Scheduler:
             self._cv.notify()
         return pending.future
 
+    def queued_jobs(self) -> int:
+        """Training and checkpoint jobs waiting for the engine thread."""
+        return len(self._jobs)
+
+    def queued_samples(self) -> int:
+        """Sample requests not yet admitted into the decoding batch."""
+        return len(self._new_samples)
+
     def shutdown(self) -> None:
         with self._cv:
             self._stopped = True
@@ -144,8 +152,9 @@ class Scheduler:
                             item.future.set_exception(exc)
             if sampler.rows:
                 try:
-                    with torch.inference_mode():
+                    with torch.inference_mode(), sampler.meter.timed("decode_step"):
                         sampler.decode_step()
+                    sampler.meter.count("decode_steps")
                 except BaseException as exc:  # noqa: BLE001 - fail every active request, keep serving
                     log.exception("decode step failed")
                     sampler.fail_all(exc)
@@ -197,8 +206,11 @@ class Scheduler:
                 job.future.set_exception(exc)
         if not ready:
             return
+        meter = self.sampler.meter
         try:
-            results = self.trainer.forward_backward([prepared for _, prepared in ready], ready[0][0].call.forward_only)
+            with meter.timed("forward_backward"):
+                results = self.trainer.forward_backward([prepared for _, prepared in ready], ready[0][0].call.forward_only)
+            meter.count("train_tokens", sum(len(datum.tokens) for job, _ in ready for datum in job.call.datums))
         except BaseException as exc:  # noqa: BLE001
             log.exception("forward_backward failed")
             for job, _ in ready:
