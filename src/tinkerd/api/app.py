@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tinkerd.api.bodies import BodySizeLimit
 from tinkerd.api.console_routes import is_console_path, mount_console
 from tinkerd.api.metrics_routes import METRICS_PATH, build_metrics
 from tinkerd.api.openai_routes import build_openai_routers
@@ -72,6 +73,8 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
     for router in build_openai_routers(service):
         app.include_router(router)
     mount_console(app, service)
+    # Outermost: a body past its limit is refused before anything reads it.
+    app.add_middleware(BodySizeLimit, render=_error)
     return app
 
 

@@ -151,6 +151,8 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise OpenAIError(400, "the request body is nested too deeply to be parsed as JSON") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
     try:

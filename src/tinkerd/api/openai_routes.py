@@ -382,6 +382,11 @@ class OpenAIFrontDoor:
                 default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
             for i, prompt in enumerate(prompts)
         ]
+        # Each prompt's request is bounded by the shared check; the prompts of one call together too.
+        sampled = sum(r.num_samples * r.params.max_tokens for r in requests)
+        if sampled > sampling.MAX_SAMPLED_TOKENS:
+            raise invalid("max_tokens", f"{len(prompts)} prompts x n={n} x their max_tokens is {sampled} tokens, more than "
+                                        f"{sampling.MAX_SAMPLED_TOKENS} sampled tokens in one request")
         run = Run(self.service, target, requests, params.stop_strings)
         echo_texts = None
         if echo:

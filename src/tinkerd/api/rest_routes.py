@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from tinkerd.api.bodies import json_body
 from tinkerd.core.db import CheckpointRow, RunRow
 from tinkerd.core.paths import CHECKPOINT_KINDS, TinkerPath
 from tinkerd.core.registry import Forbidden, RunSummary, iso, public_metadata, tinker_path_of
@@ -21,6 +22,7 @@ from tinkerd.types import UserError
 
 SIGNED_DOWNLOAD_PATH = "/api/v1/signed_download"  # open (no API key): the signature is the credential
 MAX_PAGE = 1000
+MAX_OFFSET = 1 << 40  # far past any list; SQLite's integers end at 2**63
 
 
 def checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
@@ -82,6 +84,8 @@ def weights_info_json(run: RunRow) -> dict[str, Any]:
 def page(limit: int, offset: int) -> tuple[int, int]:
     if limit < 0 or offset < 0:
         raise UserError(f"limit and offset must be >= 0, got limit={limit}, offset={offset}")
+    if offset > MAX_OFFSET:
+        raise UserError(f"offset must be at most {MAX_OFFSET}, got {offset}")
     return min(limit, MAX_PAGE), offset
 
 
@@ -151,10 +155,7 @@ def build_rest_router(service: Service) -> APIRouter:
 
     @r.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
     async def set_ttl(run_id: str, kind: str, name: str, request: Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise UserError("request body is not valid JSON") from None
+        body = await json_body(request)
         if not isinstance(body, dict) or "ttl_seconds" not in body:
             raise UserError('expected {"ttl_seconds": int | null}')
         expires = registry.set_ttl(ckpt_path(run_id, kind, name), body["ttl_seconds"])
@@ -176,10 +177,7 @@ def build_rest_router(service: Service) -> APIRouter:
 
     @r.post("/weights_info")
     async def weights_info(request: Request) -> dict:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise UserError("request body is not valid JSON") from None
+        body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("tinker_path"), str):
             raise UserError('expected {"tinker_path": "tinker://..."}')
         run, _ = registry.weights_info(body["tinker_path"])

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from tinkerd.api import tinker_wire as wire
+from tinkerd.api.bodies import json_body
 from tinkerd.api.sdk import types as T
 from tinkerd.core.futures import FutureEntry
 from tinkerd.core.service import Service
@@ -30,13 +31,6 @@ def parse(model: type[BaseModel], body: Any) -> Any:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
         raise UserError(f"invalid {model.__name__}: {problems}") from None
-
-
-async def json_body(request: Request) -> Any:
-    try:
-        return await request.json()
-    except ValueError:
-        raise UserError("request body is not valid JSON") from None
 
 
 def promise(entry: FutureEntry, model_id: str | None = None, **extra: Any) -> dict:
@@ -86,12 +80,23 @@ def model_input_tokens(model_input: Any, what: str) -> list[int]:
     return tokens
 
 
+def ordered_ids(body: Any) -> tuple[str | None, int | None]:
+    """The model_id and seq_id of a training request's body, read before the body is parsed,
+    so a request the parse refuses still names the seq_id it uses up."""
+    if not isinstance(body, dict):
+        return None, None
+    model_id, seq_id = body.get("model_id"), body.get("seq_id")
+    return (model_id if isinstance(model_id, str) else None,
+            seq_id if isinstance(seq_id, int) and not isinstance(seq_id, bool) else None)
+
+
 @contextmanager
 def consumes_seq(service: Service, model_id: str | None, seq_id: int | None) -> Iterator[None]:
-    """A training request refused at submission still uses up its seq_id (see Service.skip_seq)."""
+    """A training request refused at submission, whatever refused it, still uses up its seq_id
+    (see Service.skip_seq)."""
     try:
         yield
-    except UserError:
+    except Exception:
         if model_id is not None:
             service.skip_seq(model_id, seq_id)
         raise
@@ -192,9 +197,10 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
 
     @r.post("/optim_step")
     async def optim_step(request: Request) -> dict:
-        req = parse(T.OptimStepRequest, await json_body(request))
-        p = req.optim_params
-        with consumes_seq(service, req.model_id, req.seq_id):
+        body = await json_body(request)
+        with consumes_seq(service, *ordered_ids(body)):
+            req = parse(T.OptimStepRequest, body)
+            p = req.optim_params
             if not isinstance(p, T.AdamParams):
                 raise UserError(f"optimizer params {type(p).__name__} are not supported; use adam_params")
             params = AdamParams(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
@@ -202,8 +208,9 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
 
     @r.post("/save_weights")
     async def save_weights(request: Request) -> dict:
-        req = parse(T.SaveWeightsRequest, await json_body(request))
-        with consumes_seq(service, req.model_id, req.seq_id):
+        body = await json_body(request)
+        with consumes_seq(service, *ordered_ids(body)):
+            req = parse(T.SaveWeightsRequest, body)
             entry = service.save_checkpoint(
                 req.model_id, req.seq_id, req.path, "weights", req.ttl_seconds, bool(req.overwrite), req.user_metadata
             )
@@ -211,9 +218,10 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
 
     @r.post("/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request) -> dict:
-        req = parse(T.SaveWeightsForSamplerRequest, await json_body(request))
-        session = None
-        with consumes_seq(service, req.model_id, req.seq_id):
+        body = await json_body(request)
+        with consumes_seq(service, *ordered_ids(body)):
+            req = parse(T.SaveWeightsForSamplerRequest, body)
+            session = None
             if req.path is None:
                 if req.sampling_session_seq_id is None:
                     raise UserError("save_weights_for_sampler needs path or sampling_session_seq_id")
@@ -226,8 +234,9 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
 
     @r.post("/save_weights_external")
     async def save_weights_external(request: Request) -> dict:
-        req = parse(T.SaveWeightsExternalRequest, await json_body(request))
-        with consumes_seq(service, req.model_id, req.seq_id):
+        body = await json_body(request)
+        with consumes_seq(service, *ordered_ids(body)):
+            req = parse(T.SaveWeightsExternalRequest, body)
             if req.age_encryption_recipients:
                 raise UserError("age_encryption_recipients is not supported by this server")
             entry = service.save_checkpoint(req.model_id, req.seq_id, req.path, "external_weights", req.ttl_seconds, True)
@@ -235,8 +244,9 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
 
     @r.post("/load_weights")
     async def load_weights(request: Request) -> dict:
-        req = parse(T.LoadWeightsRequest, await json_body(request))
-        with consumes_seq(service, req.model_id, req.seq_id):
+        body = await json_body(request)
+        with consumes_seq(service, *ordered_ids(body)):
+            req = parse(T.LoadWeightsRequest, body)
             model_id, entry = service.load_weights(
                 req.path, req.optimizer, model_id=req.model_id, seq_id=req.seq_id, session_id=req.session_id,
                 model_seq_id=req.model_seq_id, user_metadata=req.user_metadata,

@@ -7,6 +7,8 @@ onto numpy arrays and tinkerd's dataclasses. The shapes: requests in docs/wire-p
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from tinkerd.api.sdk import pb
@@ -18,35 +20,80 @@ class WireError(UserError):
 
 
 _NP_DTYPES = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
+_BFLOAT16 = np.dtype(np.uint16)  # read as raw 16-bit words, widened to float32 below
+
+# A sparse tensor is made dense here, and its dense size is not paid for in body bytes (a
+# 111-byte body can name an 8 GB shape). One tensor may hold 16M values (an 8k-token datum
+# with 2048 values per token), a request 64M (256 MB of float32) in all.
+MAX_TENSOR_ELEMENTS = 1 << 24
+MAX_REQUEST_ELEMENTS = 1 << 26
 
 
-def tensor_to_numpy(msg: pb.Tensor, what: str) -> np.ndarray:
-    np_dtype = _NP_DTYPES.get(msg.dtype)
+class ElementBudget:
+    """Dense values a request's tensors may still take."""
+
+    def __init__(self, total: int = MAX_REQUEST_ELEMENTS):
+        self.total = self.left = total
+
+    def take(self, count: int, what: str) -> None:
+        if count > MAX_TENSOR_ELEMENTS:
+            raise WireError(f"{what}: {count} values is more than {MAX_TENSOR_ELEMENTS} in one tensor")
+        if count > self.left:
+            raise WireError(f"{what}: the request's tensors hold more than {self.total} values in all")
+        self.left -= count
+
+
+def _words(data: bytes, dtype: np.dtype, what: str) -> np.ndarray:
+    if len(data) % dtype.itemsize:
+        raise WireError(f"{what}: {len(data)} bytes is not a whole number of {dtype.itemsize}-byte values")
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _shape(msg: pb.Tensor, what: str) -> list[int]:
+    shape = [int(d) for d in msg.shape]
+    if any(d < 0 for d in shape):
+        raise WireError(f"{what}: negative dimension in shape {shape}")
+    return shape
+
+
+def tensor_to_numpy(msg: pb.Tensor, what: str, budget: ElementBudget | None = None) -> np.ndarray:
+    budget = budget or ElementBudget()
     if msg.dtype == pb.DTYPE_BFLOAT16:
-        raw = np.frombuffer(msg.dense, dtype=np.uint16)
-        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(list(msg.shape) or [-1])
-    if np_dtype is None:
+        np_dtype = _BFLOAT16
+    elif msg.dtype in _NP_DTYPES:
+        np_dtype = np.dtype(_NP_DTYPES[msg.dtype])
+    else:
         raise WireError(f"{what}: unsupported dtype {msg.dtype}")
-    shape = list(msg.shape)
+    shape = _shape(msg, what)
     if msg.HasField("sparse_csr"):
-        if len(shape) != 2:
-            raise WireError(f"{what}: a sparse CSR tensor needs a 2-D shape, got {shape}")
-        values = np.frombuffer(msg.sparse_csr.values, dtype=np_dtype)
-        crow = np.frombuffer(msg.sparse_csr.crow_indices, dtype=np.int64)
-        col = np.frombuffer(msg.sparse_csr.col_indices, dtype=np.int64)
-        rows, cols = shape
-        if len(crow) != rows + 1 or len(col) != len(values) or (len(col) and (col.min() < 0 or col.max() >= cols)):
-            raise WireError(f"{what}: inconsistent sparse CSR indices for shape {shape}")
-        dense = np.zeros(shape, dtype=np_dtype)  # pad value 0 for loss_fn_inputs
-        row_index = np.repeat(np.arange(rows), np.diff(crow))
-        dense[row_index, col] = values
-        return dense
-    arr = np.frombuffer(msg.dense, dtype=np_dtype)
-    if shape:
-        if int(np.prod(shape)) != arr.size:
-            raise WireError(f"{what}: {arr.size} values do not fill shape {shape}")
-        arr = arr.reshape(shape)
+        arr = _sparse_to_dense(msg.sparse_csr, shape, np_dtype, what, budget)
+    else:
+        arr = _words(msg.dense, np_dtype, what)
+        budget.take(arr.size, what)
+        if shape:
+            if math.prod(shape) != arr.size:
+                raise WireError(f"{what}: {arr.size} values do not fill shape {shape}")
+            arr = arr.reshape(shape)
+    if np_dtype is _BFLOAT16:
+        return (arr.astype(np.uint32) << 16).view(np.float32)
     return arr
+
+
+def _sparse_to_dense(csr: pb.SparseCsr, shape: list[int], np_dtype: np.dtype, what: str, budget: ElementBudget) -> np.ndarray:
+    if len(shape) != 2:
+        raise WireError(f"{what}: a sparse CSR tensor needs a 2-D shape, got {shape}")
+    rows, cols = shape
+    budget.take(rows * cols, what)  # before the dense array exists
+    values = _words(csr.values, np_dtype, what)
+    crow = _words(csr.crow_indices, np.dtype(np.int64), what)
+    col = _words(csr.col_indices, np.dtype(np.int64), what)
+    if (len(crow) != rows + 1 or len(col) != len(values) or crow[0] != 0 or crow[-1] != len(values)
+            or np.any(np.diff(crow) < 0) or (len(col) and (col.min() < 0 or col.max() >= cols))):
+        raise WireError(f"{what}: inconsistent sparse CSR indices for shape {shape}")
+    dense = np.zeros(shape, dtype=np_dtype)  # pad value 0 for loss_fn_inputs
+    row_index = np.repeat(np.arange(rows), np.diff(crow))
+    dense[row_index, col] = values
+    return dense
 
 
 def chunks_to_tokens(chunks, what: str) -> np.ndarray:
@@ -55,7 +102,7 @@ def chunks_to_tokens(chunks, what: str) -> np.ndarray:
         which = chunk.WhichOneof("chunk") if hasattr(chunk, "WhichOneof") else None
         if which != "encoded_text":
             raise WireError(f"{what}: only encoded_text chunks are supported by this model (got {which})")
-        parts.append(np.frombuffer(chunk.encoded_text.tokens, dtype=np.int32).astype(np.int64))
+        parts.append(_words(chunk.encoded_text.tokens, np.dtype(np.int32), f"{what} tokens").astype(np.int64))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -79,11 +126,12 @@ def parse_forward_backward(body: bytes) -> pb.ForwardBackwardRequest:
 
 def datums_from_proto(msg: pb.ForwardBackwardRequest) -> list[Datum]:
     datums = []
+    budget = ElementBudget()
     for i, d in enumerate(msg.data):
         tokens = chunks_to_tokens(d.model_input, f"data[{i}].model_input")
         inputs = {}
         for name, tensor in d.loss_fn_inputs.items():
-            arr = tensor_to_numpy(tensor, f"data[{i}].loss_fn_inputs[{name!r}]")
+            arr = tensor_to_numpy(tensor, f"data[{i}].loss_fn_inputs[{name!r}]", budget)
             inputs[name] = arr.astype(np.int64) if name == "target_tokens" else arr.astype(np.float32)
         datum = Datum(tokens=tokens, inputs=inputs)
         if len(d.model_input_spans) or len(d.loss_fn_input_spans):

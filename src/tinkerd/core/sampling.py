@@ -3,12 +3,16 @@
 The Tinker `SamplingClient` and the OpenAI routes both come through here: a model name or
 `tinker://` path is resolved to an engine and an adapter once (`resolve`), a request is
 checked and completed once (`check`: prompt tokens, context length, the default
-max_tokens, temperature, top_p, top_k, stops, samples per request, top-k logprobs), and
-submitted to the engine's door (`submit`). A failed check is a `UserError` whose `field`
-names the offending value in this module's words ("prompt", "max_tokens", "temperature",
-"top_p", "top_k", "stop", "num_samples", "topk_prompt_logprobs",
-"topk_sample_logprobs", "model"); each door renders it in its own error shape and its
-own field names (`sampling_params.temperature`, OpenAI's `n`, ...).
+max_tokens, temperature, top_p, top_k, stops, samples per request, top-k logprobs, and
+the sizes below), and submitted to the engine's door (`submit`). A failed check is a
+`UserError` whose `field` names the offending value in this module's words ("prompt",
+"max_tokens", "temperature", "top_p", "top_k", "stop", "num_samples",
+"topk_prompt_logprobs", "topk_sample_logprobs", "prompt_logprobs_last_n", "model"); each
+door renders it in its own error shape and its own field names
+(`sampling_params.temperature`, OpenAI's `n`, ...).
+
+Every size a client controls is bounded here, before the request reaches the engine's
+shared batch: one request's values must never fail (or exhaust) the rows of everyone else.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ if TYPE_CHECKING:
     from tinkerd.engine.client import EngineClient
 
 MAX_SAMPLES_PER_REQUEST = 128
+# Alternatives per position in top-k logprobs. Each one is kept for every sampled (or
+# prompt) position until the result is delivered, so the vocabulary is no useful bound.
+MAX_TOPK_LOGPROBS = 256
+# Tokens one request may sample in all (num_samples x max_tokens): 128 samples of an 8k context.
+MAX_SAMPLED_TOKENS = 1 << 20
+# Top-k entries one request may produce in all (positions x k, prompt and samples together):
+# the result holds each as a Python (id, logprob) pair, ~70 bytes, so ~300 MB at most.
+MAX_TOPK_ENTRIES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -94,12 +106,24 @@ def check(
     prompt ("prompt[2]", "messages").
     """
     check_prompt(info, request.prompt, prompt_label)
-    if not (1 <= request.num_samples <= MAX_SAMPLES_PER_REQUEST):
-        raise UserError(f"must be between 1 and {MAX_SAMPLES_PER_REQUEST}, got {request.num_samples}", field="num_samples")
+    n = request.num_samples
+    if not (1 <= n <= MAX_SAMPLES_PER_REQUEST):
+        raise UserError(f"must be between 1 and {MAX_SAMPLES_PER_REQUEST}, got {n}", field="num_samples")
+    max_k = min(MAX_TOPK_LOGPROBS, info.vocab_size)
     for name in ("topk_prompt_logprobs", "topk_sample_logprobs"):
         k = getattr(request, name)
-        if not (0 <= k <= info.vocab_size):
-            raise UserError(f"must be between 0 and the vocabulary size {info.vocab_size}, got {k}", field=name)
+        if not (0 <= k <= max_k):
+            raise UserError(f"must be between 0 and {max_k}, got {k}", field=name)
+    last_n = request.prompt_logprobs_last_n
+    if last_n is not None and last_n < 0:
+        raise UserError(f"must be >= 0 (or absent for the whole prompt), got {last_n}", field="prompt_logprobs_last_n")
+    prompt_topk_entries = len(request.prompt) * request.topk_prompt_logprobs
+    if prompt_topk_entries > MAX_TOPK_ENTRIES:
+        raise UserError(
+            f"{len(request.prompt)} prompt tokens x {request.topk_prompt_logprobs} alternatives is more than "
+            f"{MAX_TOPK_ENTRIES} top-k entries in one request",
+            field="topk_prompt_logprobs",
+        )
     params = request.params
     if not math.isfinite(params.temperature) or params.temperature < 0:
         raise UserError(f"must be a number >= 0, got {params.temperature}", field="temperature")
@@ -110,9 +134,15 @@ def check(
     if any(not s for s in params.stop_strings):
         raise UserError("stop sequences must be non-empty strings", field="stop")
     room = info.max_context - len(request.prompt)
+    # What the request may sample, per sample, within the totals above.
+    per_sample = MAX_SAMPLED_TOKENS // n
+    k = request.topk_sample_logprobs
+    if k:
+        per_sample = min(per_sample, (MAX_TOPK_ENTRIES - prompt_topk_entries) // (n * k))
     max_tokens = params.max_tokens
     if max_tokens is None:
-        max_tokens = room if default_max_tokens is None else min(default_max_tokens, room)
+        # Absent means "as long as it takes": up to the end of the context, within the totals.
+        max_tokens = min(room, per_sample) if default_max_tokens is None else min(default_max_tokens, room, per_sample)
     elif max_tokens < min_max_tokens:
         raise UserError(f"must be >= {min_max_tokens}, got {max_tokens}", field="max_tokens")
     elif max_tokens > room:
@@ -123,6 +153,17 @@ def check(
                 field="max_tokens",
             )
         max_tokens = room
+    if max_tokens > per_sample:
+        if n * max_tokens > MAX_SAMPLED_TOKENS:
+            raise UserError(
+                f"{n} samples x {max_tokens} tokens is more than {MAX_SAMPLED_TOKENS} sampled tokens in one request",
+                field="max_tokens",
+            )
+        raise UserError(
+            f"{n} samples x {max_tokens} tokens x {k} alternatives (plus the prompt's top-k) is more than "
+            f"{MAX_TOPK_ENTRIES} top-k entries in one request",
+            field="topk_sample_logprobs",
+        )
     return replace(request, params=replace(params, max_tokens=max_tokens))
 
 

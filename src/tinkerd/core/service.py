@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _SEEN_WINDOW = 4096  # how many past seq_ids per model stay deduplicated
+# The engine allocates the adapter from its rank (10**6 asked for ~0.9 TB); 512 is well past
+# the ranks LoRA fine-tuning uses (8 to 128).
+MAX_LORA_RANK = 512
 
 
 @dataclass
@@ -246,6 +249,9 @@ class Service:
     ) -> FutureEntry:
         """Hand `submit` to the engine once every lower seq_id of this model has been handed over."""
         state = self._model(model_id)
+        if seq_id is not None and seq_id < 1:
+            # seq_id 0 is the model's creation: answering its future would train nothing, silently.
+            raise UserError(f"seq_id must be >= 1 (0 is the model's creation), got {seq_id}", field="seq_id")
         if seq_id is not None and seq_id in state.seen:
             return state.seen[seq_id]  # a retry: same future, no second execution
         entry = self.futures.create(kind, state.session_id)
@@ -281,6 +287,10 @@ class Service:
     ) -> tuple[str, FutureEntry]:
         self._require_session(session_id)
         engine = self.engine_for(base_model)
+        if not (1 <= spec.rank <= MAX_LORA_RANK):
+            raise UserError(f"lora_config.rank must be between 1 and {MAX_LORA_RANK}, got {spec.rank}", field="rank")
+        if spec.seed is not None and abs(spec.seed) >= 2**63:
+            raise UserError(f"lora_config.seed must be within ±2**63, got {spec.seed}", field="seed")
         model_id = f"{session_id}:train:{model_seq_id}"
         if model_id in self.models:
             return model_id, self.models[model_id].seen.get(0) or self.futures.create("create_model", session_id)
