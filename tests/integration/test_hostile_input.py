@@ -96,6 +96,15 @@ def test_a_training_request_refused_while_parsing_still_uses_up_its_seq_id(serve
     assert np.isfinite(fb_loss(wait_result(server, after.json()["request_id"], deadline=LONG_POLL)))
 
 
+def test_a_save_ttl_past_ten_years_is_refused_and_uses_up_its_seq_id(server):
+    session = new_session(server)
+    model = new_model(server, session)
+    refused = post(server, "/api/v1/save_weights", {"model_id": model, "path": "x", "seq_id": 1, "ttl_seconds": 10**12})
+    assert refused.status_code == 400 and "ttl_seconds must be between 1 and 315360000" in refused.json()["detail"]
+    step = post(server, "/api/v1/optim_step", optim_body(model, 2))
+    assert "metrics" in wait_result(server, step.json()["request_id"], deadline=LONG_POLL).json()
+
+
 def test_forward_backward_with_seq_id_0_is_refused(server):
     session = new_session(server)
     model = new_model(server, session)
@@ -141,6 +150,8 @@ def test_deeply_nested_json_is_a_400(server, method, path, depth):
 def test_a_huge_pagination_offset_is_a_400(server, route):
     r = httpx.get(server.base_url + route, params={"offset": 9223372036854775808}, headers=HEADERS, timeout=30)
     assert r.status_code == 400 and "offset must be at most" in r.json()["detail"], r.text
+    r = httpx.get(server.base_url + "/api/v1/training_runs/r/metrics", params={"after_id": 2**63}, headers=HEADERS, timeout=30)
+    assert r.status_code == 422 and "after_id" in r.json()["detail"], r.text
     assert httpx.get(server.base_url + route, params={"limit": 10**30}, headers=HEADERS, timeout=30).status_code == 200
 
 

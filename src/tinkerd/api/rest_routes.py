@@ -115,7 +115,7 @@ def build_rest_router(service: Service) -> APIRouter:
         return runs_json([registry.run(run_id)])[0]
 
     @r.get("/training_runs/{run_id}/metrics")
-    async def metric_history(run_id: str, after_id: int = Query(0)) -> dict:
+    async def metric_history(run_id: str, after_id: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
         """tinkerd extension: every metric each forward/backward/optim_step reported, in order;
         with after_id (the last_id of an earlier answer), only the metrics recorded since."""
         rows = registry.metric_history(run_id, after_id)

@@ -31,7 +31,7 @@ from tinkerd.core.db import CheckpointRow, MetricRow, RunRow, SamplerRow, Sessio
 from tinkerd.core.futures import Failure, FutureEntry, FutureStore
 from tinkerd.core.paths import TinkerPath, check_checkpoint_name
 from tinkerd.core.provenance import SequenceRecord, StabilityStore, check_tiling, stability_for_datum
-from tinkerd.core.registry import Registry, check_checkpoint_files, checkpoint_query, disk_full_message
+from tinkerd.core.registry import MAX_TTL_SECONDS, Registry, check_checkpoint_files, checkpoint_query, disk_full_message
 from tinkerd.core.sampling import SampleTarget, Sampling
 from tinkerd.types import (
     AdamParams,
@@ -412,8 +412,8 @@ class Service:
                 model_id, seq_id, "save", lambda: engine.save_adapter(model_id, directory, False, key), on_ephemeral_saved
             )
         check_checkpoint_name(name)
-        if ttl_seconds is not None and ttl_seconds <= 0:
-            raise UserError(f"ttl_seconds must be positive, got {ttl_seconds}")
+        if ttl_seconds is not None and not (1 <= ttl_seconds <= MAX_TTL_SECONDS):
+            raise UserError(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (10 years), got {ttl_seconds}")
         path = TinkerPath(model_id, kind, name)
         row_id = uuid.uuid4().hex[:8]
         # One directory per saved version: an overwrite never touches the files a listed row points at.
