@@ -34,7 +34,8 @@ def _serve(args: argparse.Namespace) -> int:
         if args.seed_hf_cache:
             seed_hf_cache(source)
         logging.info("loading %s from %s", source.name, source.path)
-        engines[source.name] = InProcessEngine(source.name, source.path, device=args.device)
+        kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
+        engines[source.name] = InProcessEngine(source.name, source.path, device=args.device, kv_cache_bytes=kv_bytes)
         record_served(source, data_dir)  # so offline commands given only the name find this directory
     service = Service(data_dir, engines, session_timeout=args.session_timeout)
     keys = set(args.api_key) if args.api_key else None
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "directory DIR under the public name NAME (e.g. Qwen/Qwen3-8B=/data/qwen3-8b), which "
                             f"clients pass as base_model; repeatable (default: {DEFAULT_MODEL})")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.add_argument("--kv-cache-gb", type=float, default=None,
+                       help="memory each model's sampler may use for its KV cache, in GiB; requests beyond it wait, and one "
+                            "that could never fit is refused (default: half the free GPU memory, or a quarter of the RAM)")
     serve.add_argument("--session-timeout", type=float, default=120.0,
                        help="seconds without heartbeat before a session's in-memory state is freed (default: 120)")
     serve.add_argument("--long-poll-seconds", type=float, default=25.0, help="how long retrieve_future holds (default: 25)")

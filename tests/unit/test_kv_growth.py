@@ -22,8 +22,8 @@ def test_kv_cache_grows_mid_generation_without_changing_the_tokens(model_dir, mo
             return seq.tokens, seq.logprobs
 
         growths = []
-        original = KVCache.grown
-        monkeypatch.setattr(KVCache, "grown", lambda self, rows, length: growths.append(length) or original(self, rows, length))
+        original = KVCache.resized
+        monkeypatch.setattr(KVCache, "resized", lambda self, rows, length: growths.append(length) or original(self, rows, length))
         monkeypatch.setattr(sampler_module, "KV_LENGTH_STEP", 4)
         sampler._cache = KVCache(sampler.cfg, 8, 8, sampler.device, sampler.dtype)  # the engine is idle: tiny on purpose
         grown_tokens, grown_logprobs = greedy()

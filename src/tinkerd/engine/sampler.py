@@ -10,6 +10,7 @@ by `core/sampling.py`. docs/engine.md tells the rules.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -25,11 +26,30 @@ from tinkerd.engine.model import AdapterBatch, AdapterSegment, GroupedLora, KVCa
 from tinkerd.engine.peft_io import read_checkpoint_dir
 from tinkerd.engine.sampling import choose_tokens, make_generator
 from tinkerd.engine.trainer import TOKENS_PER_TRAIN_PASS, token_budget_groups
-from tinkerd.types import AdapterRef, SampledSequence, SampleRequest, SampleResult, TokenEvent
+from tinkerd.types import AdapterRef, SampledSequence, SampleRequest, SampleResult, TokenEvent, UserError
 
 log = logging.getLogger(__name__)
 
 KV_LENGTH_STEP = 256  # the KV cache grows in length as rows need it, not by max_tokens up front
+IDLE_KV_CACHE_BYTES = 64 * 2**20  # an idle sampler keeps a cache up to this size (or 1/8 of the budget)
+
+
+def default_kv_budget_bytes(device: torch.device) -> int:
+    """Memory the KV cache may take unless the server is told (`--kv-cache-gb`): half of the
+    GPU memory still free once the model is loaded, or a quarter of the machine's RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def _extent(request: SampleRequest) -> int:
+    """Token slots one row of `request` may fill: its prompt and every token it may sample."""
+    return len(request.prompt) + request.params.max_tokens + 1
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
 TokenSink = Callable[[TokenEvent], None]
 
 
@@ -136,7 +156,8 @@ class AdapterCache:
 
 
 class Sampler:
-    def __init__(self, model: LlamaModel, tokenizer, adapters: AdapterCache, cancellations: Cancellations):
+    def __init__(self, model: LlamaModel, tokenizer, adapters: AdapterCache, cancellations: Cancellations,
+                 kv_budget_bytes: int | None = None):
         self.model = model
         self.cfg = model.cfg
         self.device = model.device
@@ -150,11 +171,19 @@ class Sampler:
         self._lora_stacks: OrderedDict = OrderedDict()  # adapter set → stacked LoRA weights for mixed decode
         self.stats = {"decode_steps": 0, "prefill_passes": 0}
         self.meter = adapters.meter
+        # The KV cache's memory budget, in token slots (one token of one row, every layer's K and V).
+        cfg = model.cfg
+        self.kv_slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget_bytes(self.device)
+        self.kv_budget_slots = max(1, self.kv_budget_bytes // self.kv_slot_bytes)
 
     # -- admission -------------------------------------------------------------------------
 
-    def admit(self, pending: list[PendingSample]) -> None:
-        """Prefill every newly arrived request, in shared passes, and add its rows to the batch."""
+    def admit(self, pending: list[PendingSample]) -> list[PendingSample]:
+        """Prefill the newly arrived requests that fit the KV budget, in shared passes, and add
+        their rows to the batch. Returns those that must wait for running rows to finish (the
+        first that does not fit and every later one, in order: none overtakes it)."""
+        pending, waiting = self._within_kv_budget(pending)
         ready: list[tuple[PendingSample, LoraWeights | None]] = []
         for item in pending:
             if not item.future.set_running_or_notify_cancel():
@@ -175,6 +204,38 @@ class Sampler:
                 self._prefill(group, touched)
             except BaseException as exc:  # noqa: BLE001 - retried one request at a time below
                 self._prefill_one_by_one(group, touched, exc)
+        return waiting
+
+    def _within_kv_budget(self, pending: list[PendingSample]) -> tuple[list[PendingSample], list[PendingSample]]:
+        """(admit now, wait), by the KV cache each request could need at most: its samples x
+        (prompt + max_tokens). The cache is one rectangle (rows x the longest row), so what
+        counts is every row's count times the longest extent. A request that could never fit,
+        even alone, fails here with a message saying what to ask for instead."""
+        rows = len(self.rows)
+        length = max((_extent(row.request.request) for row in self.rows), default=0)
+        admitted: list[PendingSample] = []
+        for i, item in enumerate(pending):
+            request = item.request
+            extent = _extent(request)
+            if request.num_samples * extent > self.kv_budget_slots:
+                if item.future.set_running_or_notify_cancel():
+                    self.cancellations.forget(request.request_id)
+                    item.future.set_exception(UserError(
+                        f"this request may need {_gib(request.num_samples * extent * self.kv_slot_bytes)} of KV cache "
+                        f"({request.num_samples} samples x ({len(request.prompt)} prompt + {request.params.max_tokens} "
+                        f"max_tokens) tokens), more than the server's budget of {_gib(self.kv_budget_bytes)}: "
+                        "ask for fewer samples or fewer max_tokens", field="max_tokens"))
+                continue
+            if (rows + request.num_samples) * max(length, extent) > self.kv_budget_slots:
+                return admitted, pending[i:]
+            rows, length = rows + request.num_samples, max(length, extent)
+            admitted.append(item)
+        return admitted, []
+
+    def _cache_shape(self, need_rows: int, need_len: int, want_rows: int, want_len: int) -> tuple[int, int]:
+        """The cache to allocate: at least the need, up to the wanted headroom, within the budget."""
+        length = max(need_len, min(want_len, self.kv_budget_slots // max(need_rows, 1)))
+        return max(need_rows, min(want_rows, self.kv_budget_slots // length)), length
 
     def _prefill_one_by_one(self, group: list[tuple[PendingSample, LoraWeights | None]], touched: set[int],
                             exc: BaseException) -> None:
@@ -297,14 +358,17 @@ class Sampler:
         need_rows = len(self.rows) + len(rows)
         # max_tokens defaults to the rest of the context (8k for SmolLM2): reserving it all up front
         # cost GBs per request; decode_step grows the length when a row reaches the end.
-        need_len = prompt_len + min(max_tokens, KV_LENGTH_STEP) + 1
+        need_len = max(prompt_len + min(max_tokens, KV_LENGTH_STEP) + 1, max((r.position + 1 for r in self.rows), default=0))
         if self._cache is None:
-            self._cache = KVCache(self.cfg, max(8, need_rows), max(256, need_len), self.device, self.dtype)
+            rows_cap, length = self._cache_shape(need_rows, need_len, max(8, need_rows), max(256, need_len))
+            self._cache = KVCache(self.cfg, rows_cap, length, self.device, self.dtype)
         elif need_rows > self._cache.rows or need_len > self._cache.length:
-            self._cache = self._cache.grown(
-                max(need_rows, 2 * self._cache.rows if need_rows > self._cache.rows else 0),
-                max(need_len, 2 * self._cache.length if need_len > self._cache.length else 0),
-            )
+            # Doubling, as far as the budget allows (the rows' own need always fits: admission checked it).
+            self._cache = self._cache.resized(*self._cache_shape(
+                need_rows, need_len,
+                2 * self._cache.rows if need_rows > self._cache.rows else self._cache.rows,
+                2 * self._cache.length if need_len > self._cache.length else self._cache.length,
+            ))
         start = len(self.rows)
         for layer, (k, v) in enumerate(kv):
             self._cache.k[layer, start : start + len(rows), :, :prompt_len] = k[0]
@@ -419,7 +483,8 @@ class Sampler:
         n = len(rows)
         need_len = max(r.position for r in rows) + 1
         if self._cache is not None and need_len > self._cache.length:
-            self._cache = self._cache.grown(self._cache.rows, max(need_len, min(2 * self._cache.length, self.max_context + 1)))
+            want_len = max(need_len, min(2 * self._cache.length, self.max_context + 1))
+            self._cache = self._cache.resized(*self._cache_shape(n, need_len, self._cache.rows, want_len))
         tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
         positions = torch.tensor([[r.position] for r in rows], device=self.device)
         batch = row_adapter_batch([r.request.adapter for r in rows], self.device, self._lora_stacks, self.model.kernels)
@@ -436,6 +501,8 @@ class Sampler:
                 if dst != src:
                     cache.move_row(src, dst)
             self.rows = [rows[i] for i in live]
+        if not self.rows and cache.cells * self.kv_slot_bytes > max(IDLE_KV_CACHE_BYTES, self.kv_budget_bytes // 8):
+            self._cache = None  # a burst is over: its memory goes back (the next request allocates anew)
 
     def fail_all(self, exc: BaseException) -> None:
         """A decode step failed: every active request fails with it; the engine keeps serving."""

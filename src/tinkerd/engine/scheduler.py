@@ -144,7 +144,10 @@ class Scheduler:
             if new_samples:
                 try:
                     with torch.inference_mode():
-                        sampler.admit(new_samples)
+                        waiting = sampler.admit(new_samples)
+                    if waiting:  # past the KV budget: first in line again once rows finish
+                        with self._cv:
+                            self._new_samples.extendleft(reversed(waiting))
                 except BaseException as exc:  # noqa: BLE001 - admission fails each request alone; this is a last resort
                     log.exception("admitting samples failed")
                     for item in new_samples:

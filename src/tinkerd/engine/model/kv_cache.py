@@ -27,16 +27,27 @@ class KVCache:
     def length(self) -> int:
         return self.k.shape[3]
 
-    def grown(self, rows: int, length: int) -> KVCache:
-        """A larger cache holding this one's contents."""
-        cfg_shape = self.k.shape
+    @property
+    def cells(self) -> int:
+        """Token slots (rows x length): what the sampler's memory budget counts."""
+        return self.rows * self.length
+
+    def resized(self, rows: int, length: int) -> KVCache:
+        """A cache of exactly `rows` x `length` holding what fits of this one's contents
+        (rows 0..rows-1, positions 0..length-1: where the live rows are)."""
+        layers, old_rows, heads, old_length, dim = self.k.shape
         new = KVCache.__new__(KVCache)
-        shape = (cfg_shape[0], max(rows, cfg_shape[1]), cfg_shape[2], max(length, cfg_shape[3]), cfg_shape[4])
+        shape = (layers, rows, heads, length, dim)
         new.k = torch.zeros(shape, device=self.k.device, dtype=self.k.dtype)
         new.v = torch.zeros(shape, device=self.v.device, dtype=self.v.dtype)
-        new.k[:, : cfg_shape[1], :, : cfg_shape[3]] = self.k
-        new.v[:, : cfg_shape[1], :, : cfg_shape[3]] = self.v
+        r, n = min(rows, old_rows), min(length, old_length)
+        new.k[:, :r, :, :n] = self.k[:, :r, :, :n]
+        new.v[:, :r, :, :n] = self.v[:, :r, :, :n]
         return new
+
+    def grown(self, rows: int, length: int) -> KVCache:
+        """A cache at least this large in both dimensions, holding this one's contents."""
+        return self.resized(max(rows, self.rows), max(length, self.length))
 
     def move_row(self, src: int, dst: int) -> None:
         self.k[:, dst] = self.k[:, src]
