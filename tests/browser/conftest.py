@@ -1,6 +1,9 @@
 """The browser tier: a real tinkerd with one trained run, and Debian's chromium driven by
 Playwright with the system browser as its executable (Playwright never downloads one).
 
+The server, the run and the browser are started once for the whole tier (model loads and
+training dominate its time); each test gets a fresh browser context and page.
+
 `make browser` installs chromium with apt-get (`make test` and `make test-browser` do it
 first). Screenshots of each page are written to .data/test-artifacts/console/.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from console_testing import API_KEY, CHROMIUM_FLAGS, chromium_path
+from console_testing import API_KEY, CHROMIUM_FLAGS, Trainer, chromium_path
 
 from tinkerd_testing import Server
 
@@ -35,8 +38,17 @@ def page(browser):
     context.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def console_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = Server(model_dir, tmp_path_factory.mktemp("console") / "data", ["--api-key", API_KEY]).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def run(console_server, tokenizer) -> Trainer:
+    """A run trained 8 steps on one sentence, with a sampler checkpoint of it."""
+    trainer = Trainer(console_server.base_url, tokenizer)
+    trainer.steps(8)
+    trainer.sampler_path = trainer.client.save_weights_for_sampler("trained").result().path
+    return trainer

@@ -1,5 +1,6 @@
-"""What the browser tier's tests and fixtures share: the server's key, chromium's flags,
-where screenshots go, and signing in."""
+"""What the browser tier's tests and fixtures share: the server's key and base model,
+chromium's flags, where screenshots go, signing in, a run trained through the SDK, and
+plain REST calls to check what the page shows."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tinkerd_testing import REPO
 
 API_KEY = "tml-console-test"  # the only key this server accepts
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SENTENCE = "Zebras drink purple lemonade on Tuesdays."  # what the run learns; the base model does not say it
 ARTIFACTS = Path(os.environ.get("TINKERD_TEST_ARTIFACTS", REPO / ".data" / "test-artifacts")) / "console"
 
 # Playwright's defaults already turn off most background traffic; these close the rest
@@ -54,3 +58,37 @@ def sign_in(page, base_url: str, key: str = API_KEY, hash_route: str = "#/runs")
     page.goto(f"{base_url}/console/{hash_route}")
     page.get_by_label("API key").fill(key)
     page.get_by_role("button", name="Sign in").click()
+
+
+def sft_datum(tokenizer, text: str):
+    from tinker import types
+
+    ids = tokenizer.encode(text)
+    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
+                       loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
+
+
+class Trainer:
+    """A training run driven through the SDK, counting the losses it reported."""
+
+    def __init__(self, base_url: str, tokenizer, text: str = SENTENCE):
+        import tinker
+
+        self.service = tinker.ServiceClient(base_url=base_url, api_key=API_KEY)
+        self.client = self.service.create_lora_training_client(base_model=BASE, rank=8)
+        self.run_id = self.client.get_info().model_id
+        self.datum = sft_datum(tokenizer, text)
+        self.losses = 0
+        self.sampler_path: str | None = None
+
+    def steps(self, n: int) -> None:
+        from tinker import types
+
+        for _ in range(n):
+            self.client.forward_backward([self.datum], "cross_entropy").result()
+            self.client.optim_step(types.AdamParams(learning_rate=5e-3)).result()
+            self.losses += 1
+
+
+def rest(srv, method: str, path: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, srv.base_url + path, headers={"X-API-Key": API_KEY}, timeout=60, **kwargs)

@@ -11,51 +11,12 @@ import re
 
 import httpx
 import pytest
-import tinker
-from console_testing import API_KEY, screenshot, sign_in
+from console_testing import API_KEY, BASE, Trainer, rest, screenshot, sign_in
 from playwright.sync_api import expect
-from tinker import types
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SENTENCE = "Zebras drink purple lemonade on Tuesdays."
 PROMPT = "Zebras drink"
-
-
-def sft_datum(tokenizer, text: str) -> types.Datum:
-    ids = tokenizer.encode(text)
-    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                       loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
-
-
-class Trainer:
-    """A training run driven through the SDK, counting the losses it reported."""
-
-    def __init__(self, base_url: str, tokenizer):
-        self.service = tinker.ServiceClient(base_url=base_url, api_key=API_KEY)
-        self.client = self.service.create_lora_training_client(base_model=BASE, rank=8)
-        self.run_id = self.client.get_info().model_id
-        self.datum = sft_datum(tokenizer, SENTENCE)
-        self.losses = 0
-
-    def steps(self, n: int) -> None:
-        for _ in range(n):
-            self.client.forward_backward([self.datum], "cross_entropy").result()
-            self.client.optim_step(types.AdamParams(learning_rate=5e-3)).result()
-            self.losses += 1
-
-
-@pytest.fixture(scope="module")
-def run(console_server, tokenizer):
-    trainer = Trainer(console_server.base_url, tokenizer)
-    trainer.steps(8)
-    trainer.sampler_path = trainer.client.save_weights_for_sampler("trained").result().path
-    return trainer
-
-
-def rest(srv, method: str, path: str, **kwargs) -> httpx.Response:
-    return httpx.request(method, srv.base_url + path, headers={"X-API-Key": API_KEY}, timeout=60, **kwargs)
 
 
 def test_a_wrong_key_is_refused_with_a_message(console_server, page):
@@ -96,6 +57,30 @@ def test_the_loss_curve_has_every_point_and_grows_while_the_run_trains(console_s
     expect(legend).to_contain_text(f"loss:sum: {run.losses} points")
     page.locator(".chart").scroll_into_view_if_needed()
     screenshot(page, "run")
+
+
+def test_another_run_overlaid_on_the_chart_brings_its_own_points(console_server, run, tokenizer, page):
+    other = Trainer(console_server.base_url, tokenizer, text="Giraffes prefer jazz to opera.")
+    other.steps(3)
+    sign_in(page, console_server.base_url, hash_route=f"#/runs/{run.run_id}")
+    legend = page.get_by_test_id("series")
+    expect(legend).to_contain_text("loss:sum:")  # the run's own curve is drawn
+    page.get_by_label("Overlay another run").select_option(other.run_id)
+
+    for trainer in (run, other):
+        reported = [m for m in rest(console_server, "GET", f"/api/v1/training_runs/{trainer.run_id}/metrics").json()["metrics"] if m["key"] == "loss:sum"]
+        assert len(reported) == trainer.losses
+        expect(legend.locator(f'li[data-series="{trainer.run_id} loss:sum"]')).to_contain_text(f"{trainer.losses} points")
+    # one chart whose uPlot legend names both series
+    expect(page.locator(".chart canvas")).to_have_count(1)
+    expect(page.locator(".chart .u-legend .u-series").filter(has_text=f"{other.run_id} loss:sum")).to_have_count(1)
+    expect(page.locator(".chart .u-legend .u-series").filter(has_text=f"{run.run_id} loss:sum")).to_have_count(1)
+    page.locator(".chart").scroll_into_view_if_needed()
+    screenshot(page, "run-overlay")
+
+    page.get_by_role("button", name=f"{other.run_id} ✕").click()  # removed again
+    expect(legend.locator("li")).to_have_count(1)
+    expect(legend).to_contain_text(f"loss:sum: {run.losses} points")
 
 
 def test_publish_survives_a_reload_and_a_ttl_shows_its_expiry(console_server, run, page):
@@ -197,16 +182,3 @@ def test_server_page_shows_each_engine(console_server, run, page):
     expect(engine).to_contain_text("float32")
     expect(page.locator("dl.facts")).to_contain_text("0.1.0")
     screenshot(page, "server")
-
-
-def test_a_server_gone_shows_a_message_not_a_blank_page(model_dir, tmp_path, page):
-    from tinkerd_testing import Server
-
-    srv = Server(model_dir, tmp_path / "data", ["--api-key", API_KEY]).start()
-    try:
-        sign_in(page, srv.base_url, hash_route="#/runs")
-        expect(page.get_by_role("heading", name="Training runs")).to_be_visible()
-    finally:
-        srv.stop()
-    page.get_by_role("link", name="Server").click()
-    expect(page.get_by_role("alert")).to_contain_text("cannot reach the tinkerd server")

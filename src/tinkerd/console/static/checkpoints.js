@@ -1,21 +1,30 @@
 // A run's checkpoints: publish / unpublish, delete, TTL, signed download links, copy of the path.
 
-import { api, checkpointRoute } from "./api.js";
+import { api, ApiError, checkpointRoute } from "./api.js";
 import { reportError, showMessage } from "./app.js";
 import { bytes, el, time } from "./format.js";
 
 const DOWNLOADABLE = new Set(["sampler_weights", "external_weights"]); // PEFT adapters (weights/ also holds optimizer state)
 
+// Another client (or the TTL janitor) may delete a checkpoint while its row is on screen:
+// the server's 404 then becomes a message naming the checkpoint.
+function explained(err, path) {
+  if (err instanceof ApiError && err.status === 404) {
+    return new ApiError(404, `${path} no longer exists: it was deleted or expired after this list was shown.`);
+  }
+  return err;
+}
+
 export async function renderCheckpoints(box, runId) {
   let shown = "";
 
-  async function act(work, done) {
+  async function act(path, work, done) {
     try {
       await work();
       if (done) showMessage(done, "info");
       await refresh();
     } catch (err) {
-      reportError(err);
+      reportError(explained(err, path));
       await refresh().catch(() => {});
     }
   }
@@ -27,23 +36,23 @@ export async function renderCheckpoints(box, runId) {
     const ttl = el("input", { type: "number", min: 1, placeholder: "seconds", "aria-label": `TTL of ${c.checkpoint_id}`, class: "ttl" });
     const links = el("span", { class: "links" });
     const actions = el("td", { class: "actions" },
-      el("button", { type: "button", onclick: () => act(() => api(`${route}/publish`, { method: c.public ? "DELETE" : "POST" })) },
+      el("button", { type: "button", onclick: () => act(path, () => api(`${route}/publish`, { method: c.public ? "DELETE" : "POST" })) },
         c.public ? "Unpublish" : "Publish"),
       el("button", { type: "button", class: "danger", onclick: () => {
-        if (confirm(`Delete ${path}? Its files are removed from the server.`)) act(() => api(route, { method: "DELETE" }), `Deleted ${path}.`);
+        if (confirm(`Delete ${path}? Its files are removed from the server.`)) act(path, () => api(route, { method: "DELETE" }), `Deleted ${path}.`);
       } }, "Delete"),
       ttl,
       el("button", { type: "button", onclick: () => {
         const seconds = Number(ttl.value);
         if (!Number.isInteger(seconds) || seconds < 1) { showMessage("A TTL is a whole number of seconds, at least 1."); return; }
-        act(() => api(`${route}/ttl`, { method: "PUT", json: { ttl_seconds: seconds } }));
+        act(path, () => api(`${route}/ttl`, { method: "PUT", json: { ttl_seconds: seconds } }));
       } }, "Set TTL"),
-      c.expires_at ? el("button", { type: "button", onclick: () => act(() => api(`${route}/ttl`, { method: "PUT", json: { ttl_seconds: null } })) }, "Remove TTL") : null,
+      c.expires_at ? el("button", { type: "button", onclick: () => act(path, () => api(`${route}/ttl`, { method: "PUT", json: { ttl_seconds: null } })) }, "Remove TTL") : null,
       DOWNLOADABLE.has(kind) ? el("button", { type: "button", onclick: async () => {
         try {
           const { urls } = await api(`${route}/external_weights_urls`);
           links.replaceChildren(...Object.entries(urls).map(([name, url]) => el("a", { href: url, download: name }, name)));
-        } catch (err) { reportError(err); }
+        } catch (err) { reportError(explained(err, path)); }
       } }, "Download") : null,
       el("button", { type: "button", onclick: async () => {
         try {
