@@ -143,6 +143,7 @@ class SampleRequest:
     record_stability_info: bool = False
     prompt_logprobs_last_n: int | None = None  # score only the last N prompt tokens
     request_id: str = ""
+    tenant: str = ""  # whose request: the engine shares admission and decode steps fairly between tenants
 
 
 @dataclass(frozen=True)

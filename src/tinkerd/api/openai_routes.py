@@ -378,6 +378,7 @@ class OpenAIFrontDoor:
             self._checked(target, SampleRequest(
                 prompt=prompt, num_samples=n, params=params, prompt_logprobs=echo_logprobs,
                 topk_prompt_logprobs=k if echo_logprobs else 0, topk_sample_logprobs=k,
+                tenant=getattr(request.state, "tenant", ""),
             ), names, prompt_label="prompt" if len(prompts) == 1 else f"prompt[{i}]",
                 default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
             for i, prompt in enumerate(prompts)
@@ -425,7 +426,8 @@ class OpenAIFrontDoor:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         names = {"num_samples": "n", "prompt": "messages", "max_tokens": tokens_param, "topk_sample_logprobs": "top_logprobs"}
         checked = self._checked(target, SampleRequest(prompt=prompt, num_samples=n, params=params,
-                                                      topk_sample_logprobs=logprobs or 0),
+                                                      topk_sample_logprobs=logprobs or 0,
+                                                      tenant=getattr(request.state, "tenant", "")),
                                 names, prompt_label="messages", min_max_tokens=1)
         run = Run(self.service, target, [checked], params.stop_strings)
         shape = ChatShape(TokenNames(tokenizer, bool(req.return_tokens_as_token_ids)), logprobs)

@@ -286,6 +286,7 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
             topk_sample_logprobs=req.topk_sample_logprobs,
             prompt_logprobs_last_n=req.prompt_logprobs_last_n,
             record_stability_info=bool(req.record_stability_info),
+            tenant=getattr(request.state, "tenant", ""),
         )
         entry, sequence_ids = service.sample(req.sampling_session_id, req.seq_id, sample_req)
         return promise(entry, sample_sequence_ids=sequence_ids)

@@ -31,6 +31,15 @@ from tinkerd.types import AdapterRef, SampledSequence, SampleRequest, SampleResu
 log = logging.getLogger(__name__)
 
 KV_LENGTH_STEP = 256  # the KV cache grows in length as rows need it, not by max_tokens up front
+# Fair sharing between tenants (docs/engine.md §4.7). While more than one tenant has rows, a
+# decode step advances the rows of "light" tenants (at most LIGHT_TENANT_ROWS rows each) and
+# as many of the others' as keep the step at SHARED_STEP_ROWS rows (at least half of them):
+# a lone request then decodes at close to its idle speed beside a flood of another's.
+LIGHT_TENANT_ROWS = 4
+SHARED_STEP_ROWS = {"cpu": 16, "cuda": 256}
+# Prompt tokens prefilled per admission round, taken from tenants in turn: a flood of prompts
+# is prefilled over several rounds, with decode steps and other tenants' requests between.
+PREFILL_TOKENS_PER_ROUND = {"cpu": 2048, "cuda": 16384}
 IDLE_KV_CACHE_BYTES = 64 * 2**20  # an idle sampler keeps a cache up to this size (or 1/8 of the budget)
 
 
@@ -41,6 +50,20 @@ def default_kv_budget_bytes(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return free // 2
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
+
+def _tenants_in_turn(pending: list[PendingSample]) -> list[PendingSample]:
+    """The requests one per tenant in turn (each tenant's own in their order), so a flood of
+    one tenant's requests does not keep another's behind all of it."""
+    queues: dict[str, list[PendingSample]] = {}
+    for item in pending:
+        queues.setdefault(item.request.tenant, []).append(item)
+    if len(queues) < 2:
+        return pending
+    turns: list[PendingSample] = []
+    for depth in range(max(len(q) for q in queues.values())):
+        turns.extend(q[depth] for q in queues.values() if depth < len(q))
+    return turns
 
 
 def _extent(request: SampleRequest) -> int:
@@ -183,7 +206,9 @@ class Sampler:
         """Prefill the newly arrived requests that fit the KV budget, in shared passes, and add
         their rows to the batch. Returns those that must wait for running rows to finish (the
         first that does not fit and every later one, in order: none overtakes it)."""
+        pending, later = self._prefill_round(_tenants_in_turn(pending))
         pending, waiting = self._within_kv_budget(pending)
+        waiting += later
         ready: list[tuple[PendingSample, LoraWeights | None]] = []
         for item in pending:
             if not item.future.set_running_or_notify_cancel():
@@ -205,6 +230,17 @@ class Sampler:
             except BaseException as exc:  # noqa: BLE001 - retried one request at a time below
                 self._prefill_one_by_one(group, touched, exc)
         return waiting
+
+    def _prefill_round(self, pending: list[PendingSample]) -> tuple[list[PendingSample], list[PendingSample]]:
+        """(this round's requests, the rest): as many as PREFILL_TOKENS_PER_ROUND prompt tokens
+        allow, at least one."""
+        budget = PREFILL_TOKENS_PER_ROUND.get(self.device.type, PREFILL_TOKENS_PER_ROUND["cuda"])
+        taken = 0
+        for i, item in enumerate(pending):
+            taken += len(item.request.prompt) * item.request.num_samples
+            if taken > budget and i > 0:
+                return pending[:i], pending[i:]
+        return pending, []
 
     def _within_kv_budget(self, pending: list[PendingSample]) -> tuple[list[PendingSample], list[PendingSample]]:
         """(admit now, wait), by the KV cache each request could need at most: its samples x
@@ -374,6 +410,40 @@ class Sampler:
             self._cache.k[layer, start : start + len(rows), :, :prompt_len] = k[0]
             self._cache.v[layer, start : start + len(rows), :, :prompt_len] = v[0]
         self.rows.extend(rows)
+        tenant = rows[0].request.request.tenant
+        if sum(1 for row in self.rows if row.request.request.tenant == tenant) <= LIGHT_TENANT_ROWS:
+            for index in range(start, start + len(rows)):
+                self._to_front(index)
+
+    def _light_rows(self) -> int:
+        """How many leading rows belong to light tenants (they come first: `_to_front`)."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            counts[row.request.request.tenant] = counts.get(row.request.request.tenant, 0) + 1
+        n = 0
+        while n < len(self.rows) and counts[self.rows[n].request.request.tenant] <= LIGHT_TENANT_ROWS:
+            n += 1
+        return n
+
+    def _to_front(self, index: int) -> None:
+        """Move row `index` to just after the light tenants' rows, the row there to `index`
+        (one swap of two cache rows)."""
+        front = self._light_rows()
+        if front >= index:
+            return
+        self._cache.swap_rows(front, index)
+        self.rows[front], self.rows[index] = self.rows[index], self.rows[front]
+
+    def _step_rows(self) -> int:
+        """How many leading rows the next decode step advances (all, unless tenants share)."""
+        n = len(self.rows)
+        if len({row.request.request.tenant for row in self.rows}) < 2:
+            return n
+        light = self._light_rows()
+        if light in (0, n):  # nobody to protect, or nobody to hold back
+            return n
+        shared = SHARED_STEP_ROWS.get(self.device.type, SHARED_STEP_ROWS["cuda"])
+        return min(n, max(shared, light + shared // 2))
 
     # -- tokens ----------------------------------------------------------------------------
 
@@ -479,12 +549,13 @@ class Sampler:
 
     def decode_step(self) -> None:
         self.stats["decode_steps"] += 1
-        rows = self.rows
-        n = len(rows)
-        need_len = max(r.position for r in rows) + 1
+        everyone = self.rows
+        n = self._step_rows()
+        rows = everyone[:n]  # the rest wait this step out (tenants sharing: `_step_rows`)
+        need_len = max(r.position for r in everyone) + 1
         if self._cache is not None and need_len > self._cache.length:
             want_len = max(need_len, min(2 * self._cache.length, self.max_context + 1))
-            self._cache = self._cache.resized(*self._cache_shape(n, need_len, self._cache.rows, want_len))
+            self._cache = self._cache.resized(*self._cache_shape(len(everyone), need_len, self._cache.rows, want_len))
         tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)
         positions = torch.tensor([[r.position] for r in rows], device=self.device)
         batch = row_adapter_batch([r.request.adapter for r in rows], self.device, self._lora_stacks, self.model.kernels)
@@ -496,11 +567,11 @@ class Sampler:
         # Compact: live rows move down, in order, to 0..m-1 (their cache rows with them).
         cache = self._cache
         if any(row.done for row in rows):
-            live = [i for i in range(n) if not rows[i].done]
+            live = [i for i in range(len(everyone)) if not everyone[i].done]
             for dst, src in enumerate(live):
                 if dst != src:
                     cache.move_row(src, dst)
-            self.rows = [rows[i] for i in live]
+            self.rows = [everyone[i] for i in live]
         if not self.rows and cache.cells * self.kv_slot_bytes > max(IDLE_KV_CACHE_BYTES, self.kv_budget_bytes // 8):
             self._cache = None  # a burst is over: its memory goes back (the next request allocates anew)
 

@@ -49,6 +49,11 @@ class KVCache:
         """A cache at least this large in both dimensions, holding this one's contents."""
         return self.resized(max(rows, self.rows), max(length, self.length))
 
+    def swap_rows(self, i: int, j: int) -> None:
+        rows = torch.tensor([i, j], device=self.k.device)
+        self.k[:, [j, i]] = self.k.index_select(1, rows)
+        self.v[:, [j, i]] = self.v.index_select(1, rows)
+
     def move_row(self, src: int, dst: int) -> None:
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
