@@ -14,6 +14,8 @@ Benchmarks (one module each, `run(ctx, smoke) -> dict`):
   scaling           step time vs batch size, sequence length, adapter count    (table)
   moe               a small random MoE (8 experts, top-2): training and decode
                     tokens/s of the engine vs transformers (+ PEFT)              (ratio)
+  fairness          one user's lone 8-token request while another user has 200
+                    x 64-token samples in flight vs the same request idle        < 2x
 
 The server is a real `tinkerd serve` subprocess driven by the unmodified tinker SDK; the
 baselines run in this process, taking turns with the server, never at the same time.
@@ -33,7 +35,7 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHMARKS = ["train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling", "moe"]
+BENCHMARKS = ["train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling", "moe", "fairness"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
