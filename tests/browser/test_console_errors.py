@@ -29,7 +29,7 @@ def test_a_server_gone_then_back_with_another_key_shows_messages_not_a_blank_pag
     # The same server restarted with another key: the key this tab holds is now revoked.
     revoked = Server(model_dir, data_dir, ["--api-key", "tml-the-new-key"], port=srv.port).start()
     try:
-        expect(alert).to_contain_text("refused this API key")
+        expect(alert).to_contain_text("no longer accepts this API key")
         expect(page.get_by_label("API key")).to_be_visible()
         assert page.evaluate("() => sessionStorage.getItem('tinkerd.apiKey')") is None  # the refused key is forgotten
         screenshot(page, "key-revoked")
@@ -45,7 +45,7 @@ def test_a_key_replaced_in_the_tab_mid_session_is_refused_with_a_message(console
     expect(page.get_by_test_id("series")).to_contain_text("loss:sum")
     page.evaluate("() => sessionStorage.setItem('tinkerd.apiKey', 'tml-not-this-one')")
     page.get_by_role("link", name="Runs").click()
-    expect(page.get_by_role("alert")).to_contain_text("refused this API key")
+    expect(page.get_by_role("alert")).to_contain_text("no longer accepts this API key")
     expect(page.get_by_label("API key")).to_be_visible()
 
 

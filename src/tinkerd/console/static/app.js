@@ -22,12 +22,16 @@ export function showMessage(text, kind = "error") {
 }
 
 // Every page reports failures here: a refused key sends the user back to sign-in,
-// anything else becomes a message above the page.
+// anything else becomes a message above the page. A key refused after it was accepted
+// (the sign-in form is hidden) was revoked, or the server restarted with other keys.
 export function reportError(err) {
   if (err && err.name === "AbortError") return;
   if (err instanceof ApiError && err.status === 401) {
+    const wasSignedIn = signIn.hidden;
     apiKey.clear();
-    showSignIn(`The server refused this API key: ${err.message}`);
+    showSignIn(wasSignedIn
+      ? `The server no longer accepts this API key (it was revoked, or the server restarted with other keys); sign in again. The server said: ${err.message}`
+      : `The server refused this API key: ${err.message}`);
     return;
   }
   showMessage(err instanceof Error ? err.message : String(err));
