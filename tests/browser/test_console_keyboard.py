@@ -52,7 +52,7 @@ def test_sign_in_open_a_run_and_send_a_prompt_with_the_keyboard_alone(console_se
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name=f"Run {run.run_id}")).to_be_visible()
     expect(page.get_by_test_id("series")).to_contain_text("loss:sum")
-    tab_to(page, 'input[type="checkbox"][value="loss:sum"]')  # the page's first control: its metrics
+    tab_to(page, 'input[type="checkbox"][value="loss:sum"]')  # Tab goes on into the run page
     tab_to(page, 'nav a[data-page="playground"]', key="Shift+Tab")
     page.keyboard.press("Enter")
     expect(page.get_by_role("heading", name="Playground")).to_be_visible()
