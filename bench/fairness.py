@@ -31,8 +31,8 @@ def run(ctx: Context, smoke: bool) -> dict:
     server = ctx.server()
     heavy = tinker.ServiceClient(base_url=server.base_url, api_key="tml-bench-user-a")
     light = tinker.ServiceClient(base_url=server.base_url, api_key="tml-bench-user-b")
-    flood_client = heavy.create_sampling_client(base_model=ctx.model_name)
-    lone_client = light.create_sampling_client(base_model=ctx.model_name)
+    flood_client = heavy.create_sampling_client(base_model=ctx.model_name).result()
+    lone_client = light.create_sampling_client(base_model=ctx.model_name).result()
     rng = np.random.default_rng(7)
     flood_prompts = [random_tokens(rng, ctx.shape.vocab, 32) for _ in range(cfg["flood"])]
     lone_prompt = random_tokens(rng, ctx.shape.vocab, 32)
