@@ -18,6 +18,8 @@ import tinker
 import torch
 from tinker import types
 
+from reference_logprobs import hf_logprobs, load_hf, tinkerd_logprobs
+
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["Q: What is the capital of France?\nA: Paris.", "The quick brown fox jumps over the lazy dog because"]
@@ -35,25 +37,6 @@ def sft_datum(tokenizer, text: str) -> types.Datum:
 def tinkerd_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run([sys.executable, "-m", "tinkerd.cli", *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """Next-token logprobs of ids[1:] given their prefixes."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1].float()
-    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-
-
-def tinkerd_logprobs(sampler, ids: list[int]) -> torch.Tensor:
-    got = sampler.compute_logprobs(types.ModelInput.from_ints(ids)).result()
-    assert got[0] is None
-    return torch.tensor(got[1:], dtype=torch.float32)
-
-
-def load_base(model_dir: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +74,7 @@ def test_downloaded_adapter_loads_in_peft_with_the_same_logprobs(trained, model_
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 32
     assert set(config["target_modules"]) == ALL_TARGETS
 
-    base = load_base(model_dir)
+    base = load_hf(model_dir)
     base_lps = [hf_logprobs(base, ids) for ids in trained["ids"]]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -113,7 +96,7 @@ def test_export_merged_is_a_plain_transformers_model(trained, model_dir, tmp_pat
     assert proc.returncode == 0, proc.stderr
     merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     assert not merged.config.tie_word_embeddings  # lm_head carries its own merged LoRA
-    base = load_base(model_dir)
+    base = load_hf(model_dir)
     assert torch.equal(merged.get_input_embeddings().weight, base.get_input_embeddings().weight)
     for ids in trained["ids"]:
         want = tinkerd_logprobs(trained["sampler"], ids)
@@ -135,7 +118,7 @@ def make_peft_adapter(model_dir: Path, out: Path):
     """A PEFT LoRA made by peft itself: r=4, alpha=8, attention q/v + MLP down, random B."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(load_base(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    model = get_peft_model(load_hf(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():

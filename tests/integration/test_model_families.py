@@ -23,6 +23,7 @@ import torch
 from tinker import types
 
 import tiny_models
+from reference_logprobs import hf_logprobs, load_hf, tinkerd_logprobs
 from tinkerd_testing import REPO, Server, free_port
 
 FAMILIES = ("llama3", "qwen3", "qwen3_moe")
@@ -42,25 +43,6 @@ def sft_datum(tokenizer, text: str) -> types.Datum:
         model_input=types.ModelInput.from_ints(ids[:-1]),
         loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)},
     )
-
-
-def hf_logprobs(model, ids: list[int]) -> torch.Tensor:
-    """Next-token logprobs of ids[1:] given their prefixes."""
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0, :-1].float()
-    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
-
-
-def tinkerd_logprobs(sampler, ids: list[int]) -> torch.Tensor:
-    got = sampler.compute_logprobs(types.ModelInput.from_ints(ids)).result()
-    assert got[0] is None
-    return torch.tensor(got[1:], dtype=torch.float32)
-
-
-def load_hf(directory: Path):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
 
 
 def serve_and_fail(model_dir: Path, data_dir: Path) -> subprocess.CompletedProcess:
