@@ -3,12 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from pathlib import Path
 
 from tinkerd.config import default_data_dir
 from tinkerd.model_store import DEFAULT_MODEL
+
+ANY_KEY_ON_NETWORK_FLAG = "--allow-any-key-on-network"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def _keys(data_dir: Path):
+    from tinkerd.core.db import open_database
+    from tinkerd.core.keys import ApiKeys
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return ApiKeys(open_database(data_dir / "tinkerd.sqlite"))
+
+
+def _any_key_refusal(args: argparse.Namespace, data_dir: Path) -> str | None:
+    """Why the server must not start: with no keys, any `tml-` key gets in, which is only
+    safe while nobody but this machine can connect."""
+    if args.api_key or is_loopback(args.host) or _keys(data_dir).any_created():
+        return None
+    if args.allow_any_key_on_network:
+        print(f"tinkerd serve: WARNING: {ANY_KEY_ON_NETWORK_FLAG}: anyone who can reach {args.host}:{args.port} "
+              "gets in with any tml- key, and sees and changes everything", file=sys.stderr, flush=True)
+        return None
+    return (f"tinkerd serve: refusing to listen on {args.host} with no API keys: any tml- key would get in. Create a key "
+            f"first (tinkerd keys create --name NAME --data-dir {data_dir}), or pass --api-key KEY, or listen on "
+            f"127.0.0.1; {ANY_KEY_ON_NETWORK_FLAG} overrides this.")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -21,6 +55,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
+    if (refusal := _any_key_refusal(args, data_dir)) is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     engines = {}
     for name in args.model or [DEFAULT_MODEL]:
         try:
@@ -75,11 +112,50 @@ def _import_adapter(args: argparse.Namespace) -> int:
     from tinkerd.export import AdapterError, import_adapter
 
     try:
-        path = import_adapter(Path(args.peft_dir), Path(args.data_dir).expanduser(), model=args.model, name=args.name)
+        path = import_adapter(Path(args.peft_dir), Path(args.data_dir).expanduser(), model=args.model, name=args.name,
+                              owner=args.owner)
     except AdapterError as exc:
         print(f"tinkerd import-adapter: {exc}", file=sys.stderr)
         return 1
     print(path)
+    return 0
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    from tinkerd.types import UserError
+
+    try:
+        key = _keys(Path(args.data_dir).expanduser()).create(args.name, admin=args.admin)
+    except UserError as exc:
+        print(f"tinkerd keys create: {exc}", file=sys.stderr)
+        return 1
+    print(key)
+    print(f"the key of {'admin ' if args.admin else ''}user {args.name!r}: it is shown only this once", file=sys.stderr)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    rows = _keys(Path(args.data_dir).expanduser()).list()
+    when = lambda t: t.strftime("%Y-%m-%d %H:%M:%S") if t is not None else "-"  # noqa: E731
+    table = [("NAME", "ADMIN", "CREATED", "LAST USED", "REVOKED")] + [
+        (r.name, "yes" if r.admin else "no", when(r.created_at), when(r.last_used_at), when(r.revoked_at)) for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    from tinkerd.core.keys import CACHE_SECONDS
+    from tinkerd.types import UserError
+
+    try:
+        _keys(Path(args.data_dir).expanduser()).revoke(args.name)
+    except UserError as exc:
+        print(f"tinkerd keys revoke: {exc}", file=sys.stderr)
+        return 1
+    print(f"revoked the key of {args.name!r}; a running server refuses it within {CACHE_SECONDS:g} s")
     return 0
 
 
@@ -103,7 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--session-timeout", type=float, default=120.0,
                        help="seconds without heartbeat before a session's in-memory state is freed (default: 120)")
     serve.add_argument("--long-poll-seconds", type=float, default=25.0, help="how long retrieve_future holds (default: 25)")
-    serve.add_argument("--api-key", action="append", help="accept only these keys (default: any tml- key); repeatable")
+    serve.add_argument("--api-key", action="append",
+                       help="also accept this key, as the one local user; repeatable (default, while no key was created "
+                            "with `tinkerd keys create`: any tml- key)")
+    serve.add_argument(ANY_KEY_ON_NETWORK_FLAG, action="store_true",
+                       help="with no API keys, listen on a non-loopback --host anyway, letting in anyone with any tml- key")
     serve.add_argument("--no-seed-hf-cache", dest="seed_hf_cache", action="store_false",
                        help="do not add the served models' tokenizers to the local Hugging Face cache under their names")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -136,7 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
                              help="the served base model it is for (as given to `serve --model`); "
                                   "default: the adapter's base_model_name_or_path")
     imp_adapter.add_argument("--name", default=None, help="checkpoint name (default: imported)")
+    imp_adapter.add_argument("--owner", default="local",
+                             help="the user (as named by `tinkerd keys create`) who owns the imported checkpoint "
+                                  "(default: local, the user of a server without keys)")
     imp_adapter.set_defaults(func=_import_adapter)
+
+    keys = sub.add_parser("keys", help="API keys of named users (offline, against --data-dir; also while the server runs)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key for a user and print it (only its hash is stored)")
+    create.add_argument("--name", required=True, help="the user: owner of what the key creates")
+    create.add_argument("--admin", action="store_true", help="the user may see and change everything")
+    create.set_defaults(func=_keys_create)
+    listing = keys_sub.add_parser("list", help="users, admin, created, last used, revoked (never the keys)")
+    listing.set_defaults(func=_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a user's key; a running server refuses it within seconds")
+    revoke.add_argument("name")
+    revoke.set_defaults(func=_keys_revoke)
+    for command in (create, listing, revoke):
+        command.add_argument("--data-dir", default=str(default_data_dir()), help="the server's state directory")
     return parser
 
 

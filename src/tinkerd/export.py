@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from tinkerd.atomic_dir import replaced_atomically
+from tinkerd.core.access import LOCAL, SYSTEM
 from tinkerd.core.db import CheckpointRow, RunRow, SessionRow, open_database
 from tinkerd.core.paths import TinkerPath, check_checkpoint_name
 from tinkerd.core.registry import Registry
@@ -60,8 +61,8 @@ def find_checkpoint(checkpoint: str, data_dir: Path) -> Checkpoint:
         registry = Registry(_database(data_dir), data_dir)
         try:
             path = TinkerPath.parse(checkpoint)
-            row = registry.checkpoint(path)
-            base_model = registry.run_row(row.run_id).base_model
+            row = registry.checkpoint(path, SYSTEM)  # offline: whoever can read the data dir can read every checkpoint
+            base_model = registry.run_row(row.run_id, SYSTEM).base_model
         except UserError as exc:
             raise AdapterError(f"{exc} (in {data_dir})") from None
         return Checkpoint(Path(row.directory), base_model, checkpoint)
@@ -161,8 +162,9 @@ def _projection_weight(model: torch.nn.Module, path: str, base_name: str) -> tor
 # -- import adapter ------------------------------------------------------------------------
 
 
-def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, name: str | None = None) -> str:
-    """Copy a PEFT LoRA into the data dir as a training checkpoint; returns its tinker:// path."""
+def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, name: str | None = None,
+                   owner: str = LOCAL) -> str:
+    """Copy a PEFT LoRA into the data dir as a training checkpoint of user `owner`; returns its tinker:// path."""
     peft_dir = peft_dir.expanduser()
     if not (peft_dir / "adapter_config.json").is_file():
         raise AdapterError(f"{peft_dir} has no adapter_config.json: not a PEFT adapter directory")
@@ -211,8 +213,8 @@ def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, nam
     size = write_checkpoint_dir(directory, weights, rank, alpha, base.name, extra)
     metadata = {"imported_from": str(peft_dir.resolve())}
     with db.begin() as s:  # files first, rows last: the checkpoint exists once this commits
-        s.add(SessionRow(id=session_id, status="finished", tags=["import-adapter"], user_metadata=metadata))
-        s.add(RunRow(id=run_id, session_id=session_id, base_model=base.name, lora_rank=rank, train_attn=train_attn,
+        s.add(SessionRow(id=session_id, status="finished", tags=["import-adapter"], user_metadata=metadata, owner=owner))
+        s.add(RunRow(id=run_id, session_id=session_id, owner=owner, base_model=base.name, lora_rank=rank, train_attn=train_attn,
                      train_mlp=train_mlp, train_unembed=train_unembed, seed=seed, user_metadata=metadata))
         s.add(CheckpointRow(run_id=run_id, kind="weights", name=checkpoint_name, directory=str(directory), size_bytes=size,
                             user_metadata=metadata, has_optimizer=False))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tinkerd.core.access import LOCAL_USER
 from tinkerd.core.db import CheckpointRow, RunRow, open_database, utcnow
 from tinkerd.core.paths import TinkerPath
 from tinkerd.core.registry import Forbidden, Registry, check_checkpoint_files, disk_full_message
@@ -44,7 +45,7 @@ def token_of(url: str) -> str:
 
 def test_signed_urls_open_their_file_until_they_expire(registry: Registry, tmp_path: Path):
     now = utcnow()
-    urls, expires = registry.download_urls(TinkerPath.parse(f"tinker://{RUN}/external_weights/ext"), "http://h/dl", now=now)
+    urls, expires = registry.download_urls(TinkerPath.parse(f"tinker://{RUN}/external_weights/ext"), "http://h/dl", LOCAL_USER, now=now)
     assert set(urls) == {"adapter_config.json", "adapter_model.safetensors"} and expires.tzinfo is not None
     token = token_of(urls["adapter_config.json"])
     assert registry.open_download(token, now=now).name == "adapter_config.json"
@@ -64,15 +65,15 @@ def test_signed_urls_open_their_file_until_they_expire(registry: Registry, tmp_p
 
 def test_urls_of_a_deleted_checkpoint_stop_working(registry: Registry):
     path = TinkerPath.parse(f"tinker://{RUN}/external_weights/ext")
-    urls, _ = registry.download_urls(path, "http://h/dl")
-    registry.delete_checkpoint(path)
+    urls, _ = registry.download_urls(path, "http://h/dl", LOCAL_USER)
+    registry.delete_checkpoint(path, LOCAL_USER)
     with pytest.raises(NotFound):
         registry.open_download(token_of(urls["adapter_model.safetensors"]))
 
 
 def test_only_external_weights_get_urls(registry: Registry):
     with pytest.raises(UserError, match="save_weights_external"):
-        registry.download_urls(TinkerPath.parse(f"tinker://{RUN}/weights/ext"), "http://h/dl")
+        registry.download_urls(TinkerPath.parse(f"tinker://{RUN}/weights/ext"), "http://h/dl", LOCAL_USER)
 
 
 def test_check_checkpoint_files(tmp_path: Path):
@@ -113,8 +114,8 @@ def test_orphan_sweep_keeps_exactly_the_listed_checkpoints(registry: Registry, t
 
 def test_ttl_bounds(registry: Registry):
     path = TinkerPath.parse(f"tinker://{RUN}/external_weights/ext")
-    assert registry.set_ttl(path, 60) > utcnow()
-    assert registry.set_ttl(path, None) is None
+    assert registry.set_ttl(path, 60, LOCAL_USER) > utcnow()
+    assert registry.set_ttl(path, None, LOCAL_USER) is None
     for bad in (0, -1, 11 * 365 * 24 * 3600, "60", True):
         with pytest.raises(UserError):
-            registry.set_ttl(path, bad)
+            registry.set_ttl(path, bad, LOCAL_USER)

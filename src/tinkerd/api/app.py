@@ -11,28 +11,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from tinkerd.api.auth import Admission, api_key_of
 from tinkerd.api.bodies import BodySizeLimit
 from tinkerd.api.console_routes import is_console_path, mount_console
 from tinkerd.api.metrics_routes import METRICS_PATH, build_metrics
 from tinkerd.api.openai_routes import build_openai_routers
 from tinkerd.api.rest_routes import SIGNED_DOWNLOAD_PATH, build_rest_router
 from tinkerd.api.tinker_routes import build_router
+from tinkerd.core.keys import ApiKeys
 from tinkerd.core.service import Service
 from tinkerd.types import UserError
 
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/", SIGNED_DOWNLOAD_PATH, METRICS_PATH}
-
-
-def api_key_of(request: Request) -> str | None:
-    key = request.headers.get("x-api-key")
-    if key:
-        return key
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return None
 
 
 def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] | None = None) -> FastAPI:
@@ -44,6 +36,7 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     app.state.service = service
+    admission = Admission(ApiKeys(service.db), api_keys)
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -51,8 +44,10 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
             key = api_key_of(request)
             if not key:
                 return _error(401, "missing API key: send X-API-Key (or Authorization: Bearer) with a tml- key", request)
-            if not key.startswith("tml-") or (api_keys is not None and key not in api_keys):
-                return _error(401, "invalid API key: keys start with 'tml-'", request)
+            user = admission.user_for(key)
+            if user is None:
+                return _error(401, admission.refusal(), request)
+            request.state.user = user
             # Whose work this is, for the engine's fair sharing: a digest, so no key sits in the queue.
             request.state.tenant = hashlib.sha256(key.encode()).hexdigest()[:16]
         return await call_next(request)
@@ -84,6 +79,7 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
 def _error(status: int, message: str, request: Request, param: str | None = None) -> JSONResponse:
     """The one error shape of each door: OpenAI's under /oai/ and /v1/, FastAPI's elsewhere."""
     if request.url.path.startswith(("/oai/", "/v1/")):
-        kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+        kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error"}.get(status, "invalid_request_error")
         return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
     return JSONResponse({"detail": message}, status_code=status)

@@ -53,6 +53,7 @@ from tinkerd.api.openai_render import (
     top_alternatives,
 )
 from tinkerd.core import sampling
+from tinkerd.core.access import SYSTEM, User
 from tinkerd.core.sampling import SampleTarget
 from tinkerd.core.service import Service
 from tinkerd.core.tokenizers import tokenizer_of
@@ -61,10 +62,11 @@ from tinkerd.types import NotFound, SampleRequest, SampleResult, TokenEvent, Use
 PREFIXES = ("/oai/api/v1", "/v1")
 
 
-def resolve_model(service: Service, model: str) -> SampleTarget:
-    """The core's resolution, with OpenAI's answer for every name it cannot serve: 404."""
+def resolve_model(service: Service, model: str, user: User) -> SampleTarget:
+    """The core's resolution, with OpenAI's answer for every name it cannot serve (or `user`
+    may not read): 404."""
     try:
-        return service.sampling.resolve(model)
+        return service.sampling.resolve(model, user)
     except UserError as exc:
         hint = "" if model.startswith("tinker://") else (
             f". Use a base model ({', '.join(service.engines)}) or a checkpoint path tinker://<run>/sampler_weights/<name>")
@@ -356,7 +358,7 @@ class OpenAIFrontDoor:
 
     async def _completions(self, request: Request) -> Response:
         req: CompletionRequest = parse_request(CompletionRequest, await request.body())
-        target = resolve_model(self.service, req.model)
+        target = resolve_model(self.service, req.model, request.state.user)
         info = target.info
         tokenizer = tokenizer_of(info)
         prompts, prompt_texts = parse_prompt(req.prompt, tokenizer, max_chars=MAX_CHARS_PER_TOKEN * info.max_context)
@@ -408,7 +410,7 @@ class OpenAIFrontDoor:
 
     async def _chat_completions(self, request: Request) -> Response:
         req: ChatRequest = parse_request(ChatRequest, await request.body())
-        target = resolve_model(self.service, req.model)
+        target = resolve_model(self.service, req.model, request.state.user)
         info = target.info
         tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -437,7 +439,8 @@ class OpenAIFrontDoor:
 
     # /models
 
-    def _model_entries(self) -> list[dict]:
+    def _model_entries(self, user: User) -> list[dict]:
+        """The base models, and the sampler checkpoints `user` may read: their own and the published ones."""
         entries = [
             {"id": name, "object": "model", "created": self.started, "owned_by": "tinkerd", "root": name, "parent": None,
              "max_model_len": engine.info.max_context}
@@ -445,14 +448,14 @@ class OpenAIFrontDoor:
         ]
         base_of: dict[str, str | None] = {}
         now = time.time()
-        for row in self.service.list_checkpoints():
+        for row in self.service.readable_checkpoints(user):
             if row.kind != "sampler_weights":
                 continue
             if row.expires_at is not None and _timestamp(row.expires_at) <= now:
                 continue
             if row.run_id not in base_of:
                 try:
-                    base_of[row.run_id] = self.service.get_run(row.run_id).base_model
+                    base_of[row.run_id] = self.service.registry.run_row(row.run_id, SYSTEM).base_model
                 except NotFound:
                     base_of[row.run_id] = None
             base = base_of[row.run_id]
@@ -465,15 +468,15 @@ class OpenAIFrontDoor:
             })
         return entries
 
-    async def list_models(self) -> Response:
-        return JSONResponse({"object": "list", "data": self._model_entries()})
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": self._model_entries(request.state.user)})
 
-    async def retrieve_model(self, model: str) -> Response:
+    async def retrieve_model(self, model: str, request: Request) -> Response:
         try:
-            for entry in self._model_entries():
+            for entry in self._model_entries(request.state.user):
                 if entry["id"] == model:
                     return JSONResponse(entry)
-            target = resolve_model(self.service, model)  # a training checkpoint, or a 404
+            target = resolve_model(self.service, model, request.state.user)  # a training checkpoint, or a 404
             return JSONResponse({"id": model, "object": "model", "created": self.started, "owned_by": "tinkerd",
                                  "root": target.base_model, "parent": target.base_model, "max_model_len": target.info.max_context})
         except OpenAIError as exc:

@@ -4,16 +4,19 @@ Listing, publish / unpublish, TTL, delete, weights_info, and downloads of extern
 weights through URLs that tinkerd signs (HMAC with a per-data-dir secret, one hour) and
 serves itself. Shapes: docs/wire-protocol.md §4.6; the session routes: docs/wire-protocol.md §2.4;
 signed URLs: docs/wire-protocol.md §4.5. Every datetime is sent timezone-aware. Plus one tinkerd extension: a run's metric history.
+Each route acts for the calling user and sees only what that user may (core/access.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from tinkerd.api.auth import caller
 from tinkerd.api.bodies import json_body
+from tinkerd.core.access import User
 from tinkerd.core.db import CheckpointRow, RunRow
 from tinkerd.core.paths import CHECKPOINT_KINDS, TinkerPath
 from tinkerd.core.registry import Forbidden, RunSummary, iso, public_metadata, tinker_path_of
@@ -104,21 +107,22 @@ def build_rest_router(service: Service) -> APIRouter:
 
     @r.get("/training_runs")
     async def list_training_runs(limit: int = Query(20), offset: int = Query(0), base_model: str | None = Query(None),
-                                 search: str | None = Query(None)) -> dict:
+                                 search: str | None = Query(None), access_scope: str = Query("owned"),
+                                 user: User = Depends(caller)) -> dict:
         """base_model and search (a substring of the run id or base model) are tinkerd extensions."""
         limit, offset = page(limit, offset)
-        runs, total = registry.list_runs(limit, offset, base_model, search)
+        runs, total = registry.list_runs(user, limit, offset, base_model, search, access_scope)
         return {"training_runs": runs_json(runs), "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
     @r.get("/training_runs/{run_id}")
-    async def get_training_run(run_id: str) -> dict:
-        return runs_json([registry.run(run_id)])[0]
+    async def get_training_run(run_id: str, user: User = Depends(caller)) -> dict:
+        return runs_json([registry.run(run_id, user)])[0]
 
     @r.get("/training_runs/{run_id}/metrics")
-    async def metric_history(run_id: str, after_id: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
+    async def metric_history(run_id: str, after_id: int = Query(0, ge=0, le=MAX_OFFSET), user: User = Depends(caller)) -> dict:
         """tinkerd extension: every metric each forward/backward/optim_step reported, in order;
         with after_id (the last_id of an earlier answer), only the metrics recorded since."""
-        rows = registry.metric_history(run_id, after_id)
+        rows = registry.metric_history(run_id, user, after_id)
         return {
             "training_run_id": run_id,
             "metrics": [{"id": m.id, "seq_id": m.seq_id, "kind": m.kind, "key": m.key, "value": m.value, "time": iso(m.time)} for m in rows],
@@ -128,43 +132,46 @@ def build_rest_router(service: Service) -> APIRouter:
     # -- checkpoints ---------------------------------------------------------------------
 
     @r.get("/training_runs/{run_id}/checkpoints")
-    async def list_run_checkpoints(run_id: str) -> dict:
-        rows, total = registry.list_checkpoints(run_id)
+    async def list_run_checkpoints(run_id: str, user: User = Depends(caller)) -> dict:
+        rows, total = registry.list_checkpoints(user, run_id)
         return {"checkpoints": [checkpoint_json(c) for c in rows], "cursor": {"offset": 0, "limit": total, "total_count": total}}
 
     @r.get("/checkpoints")
-    async def list_user_checkpoints(limit: int = Query(100), offset: int = Query(0)) -> dict:
+    async def list_user_checkpoints(limit: int = Query(100), offset: int = Query(0), access_scope: str = Query("owned"),
+                                    user: User = Depends(caller)) -> dict:
+        """The caller's own checkpoints; with access_scope=accessible (tinkerd extension) also
+        every published one."""
         limit, offset = page(limit, offset)
-        rows, total = registry.list_checkpoints(None, limit, offset)
+        rows, total = registry.list_checkpoints(user, None, limit, offset, access_scope)
         return {"checkpoints": [checkpoint_json(c) for c in rows], "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
     @r.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
-    async def delete_checkpoint(run_id: str, kind: str, name: str) -> dict:
-        registry.delete_checkpoint(ckpt_path(run_id, kind, name))
+    async def delete_checkpoint(run_id: str, kind: str, name: str, user: User = Depends(caller)) -> dict:
+        registry.delete_checkpoint(ckpt_path(run_id, kind, name), user)
         return {}
 
     @r.post("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
-    async def publish(run_id: str, kind: str, name: str) -> dict:
-        registry.set_public(ckpt_path(run_id, kind, name), True)
+    async def publish(run_id: str, kind: str, name: str, user: User = Depends(caller)) -> dict:
+        registry.set_public(ckpt_path(run_id, kind, name), True, user)
         return {}
 
     @r.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}/publish")
-    async def unpublish(run_id: str, kind: str, name: str) -> dict:
-        registry.set_public(ckpt_path(run_id, kind, name), False)
+    async def unpublish(run_id: str, kind: str, name: str, user: User = Depends(caller)) -> dict:
+        registry.set_public(ckpt_path(run_id, kind, name), False, user)
         return {}
 
     @r.put("/training_runs/{run_id}/checkpoints/{kind}/{name}/ttl")
-    async def set_ttl(run_id: str, kind: str, name: str, request: Request) -> dict:
+    async def set_ttl(run_id: str, kind: str, name: str, request: Request, user: User = Depends(caller)) -> dict:
         body = await json_body(request)
         if not isinstance(body, dict) or "ttl_seconds" not in body:
             raise UserError('expected {"ttl_seconds": int | null}')
-        expires = registry.set_ttl(ckpt_path(run_id, kind, name), body["ttl_seconds"])
+        expires = registry.set_ttl(ckpt_path(run_id, kind, name), body["ttl_seconds"], user)
         return {"expires_at": iso(expires)}
 
     @r.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/external_weights_urls")
-    async def external_weights_urls(run_id: str, kind: str, name: str, request: Request) -> dict:
+    async def external_weights_urls(run_id: str, kind: str, name: str, request: Request, user: User = Depends(caller)) -> dict:
         base = str(request.base_url).rstrip("/") + SIGNED_DOWNLOAD_PATH
-        urls, expires = registry.download_urls(ckpt_path(run_id, kind, name), base)
+        urls, expires = registry.download_urls(ckpt_path(run_id, kind, name), base, user)
         return {"urls": urls, "expires": iso(expires)}
 
     @r.get("/signed_download")
@@ -176,23 +183,24 @@ def build_rest_router(service: Service) -> APIRouter:
         return FileResponse(file, filename=file.name, media_type="application/octet-stream")
 
     @r.post("/weights_info")
-    async def weights_info(request: Request) -> dict:
+    async def weights_info(request: Request, user: User = Depends(caller)) -> dict:
         body = await json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("tinker_path"), str):
             raise UserError('expected {"tinker_path": "tinker://..."}')
-        run, _ = registry.weights_info(body["tinker_path"])
+        run, _ = registry.weights_info(body["tinker_path"], user)
         return weights_info_json(run)
 
     # -- sessions ------------------------------------------------------------------------
 
     @r.get("/sessions")
-    async def list_sessions(limit: int = Query(20), offset: int = Query(0)) -> dict:
+    async def list_sessions(limit: int = Query(20), offset: int = Query(0), access_scope: str = Query("owned"),
+                            user: User = Depends(caller)) -> dict:
         limit, offset = page(limit, offset)
-        return {"sessions": [s.id for s in registry.list_sessions(limit, offset)]}
+        return {"sessions": [s.id for s in registry.list_sessions(user, limit, offset, access_scope)]}
 
     @r.get("/sessions/{session_id}")
-    async def get_session(session_id: str) -> dict:
-        row, runs, samplers = registry.session(session_id)
+    async def get_session(session_id: str, user: User = Depends(caller)) -> dict:
+        row, runs, samplers = registry.session(session_id, user)
         out: dict[str, Any] = {"training_run_ids": runs, "sampler_ids": samplers}
         metadata = public_metadata(row.user_metadata)
         if metadata:

@@ -11,13 +11,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from tinkerd.api import tinker_wire as wire
+from tinkerd.api.auth import caller
 from tinkerd.api.bodies import json_body
 from tinkerd.api.sdk import types as T
+from tinkerd.core.access import User
 from tinkerd.core.futures import FutureEntry
 from tinkerd.core.service import Service
 from tinkerd.types import AdamParams, LoraSpec, SampleRequest, SamplingParams, UserError
@@ -91,14 +93,14 @@ def ordered_ids(body: Any) -> tuple[str | None, int | None]:
 
 
 @contextmanager
-def consumes_seq(service: Service, model_id: str | None, seq_id: int | None) -> Iterator[None]:
+def consumes_seq(service: Service, user: User, model_id: str | None, seq_id: int | None) -> Iterator[None]:
     """A training request refused at submission, whatever refused it, still uses up its seq_id
     (see Service.skip_seq)."""
     try:
         yield
     except Exception:
         if model_id is not None:
-            service.skip_seq(model_id, seq_id)
+            service.skip_seq(model_id, seq_id, user)
         raise
 
 
@@ -133,20 +135,20 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
         }
 
     @r.post("/create_session")
-    async def create_session(request: Request) -> dict:
+    async def create_session(request: Request, user: User = Depends(caller)) -> dict:
         req = parse(T.CreateSessionRequest, await json_body(request))
-        return {"session_id": service.create_session(req.tags, req.user_metadata or {}), "type": "create_session"}
+        return {"session_id": service.create_session(req.tags, req.user_metadata or {}, user), "type": "create_session"}
 
     @r.post("/session_heartbeat")
-    async def heartbeat(request: Request) -> Response:
+    async def heartbeat(request: Request, user: User = Depends(caller)) -> Response:
         req = parse(T.SessionHeartbeatRequest, await json_body(request))
-        if not service.heartbeat(req.session_id):
+        if not service.heartbeat(req.session_id, user):
             return JSONResponse({"detail": f"session {req.session_id} has finished"}, status_code=410)
         return JSONResponse({"type": "session_heartbeat"})
 
     @r.post("/sessions/{session_id}/finish")
-    async def finish(session_id: str) -> dict:
-        service.finish_session(session_id)
+    async def finish(session_id: str, user: User = Depends(caller)) -> dict:
+        service.finish_session(session_id, user)
         return {}
 
     @r.post("/cancel_future")
@@ -156,20 +158,20 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
     # -- models and training -------------------------------------------------------------
 
     @r.post("/create_model")
-    async def create_model(request: Request) -> dict:
+    async def create_model(request: Request, user: User = Depends(caller)) -> dict:
         req = parse(T.CreateModelRequest, await json_body(request))
         lora = req.lora_config or T.LoraConfig(rank=32)
         if getattr(req.optimizer_config, "type", "adamw") != "adamw":
             raise UserError(f"optimizer {req.optimizer_config.type!r} is not supported; use adamw")
         spec = LoraSpec(rank=lora.rank, train_attn=lora.train_attn, train_mlp=lora.train_mlp,
                         train_unembed=lora.train_unembed, seed=lora.seed)  # type: ignore[arg-type]
-        model_id, entry = service.create_model(req.session_id, req.model_seq_id, req.base_model, spec, req.user_metadata or {})
+        model_id, entry = service.create_model(req.session_id, req.model_seq_id, req.base_model, spec, req.user_metadata or {}, user)
         return promise(entry, model_id)
 
     @r.post("/get_info")
-    async def get_info(request: Request) -> dict:
+    async def get_info(request: Request, user: User = Depends(caller)) -> dict:
         req = parse(T.GetInfoRequest, await json_body(request))
-        run = service.get_run(req.model_id)
+        run = service.get_run(req.model_id, user)
         engine = service.engine_for(run.base_model)
         return {
             "type": "get_info",
@@ -182,101 +184,103 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
         }
 
     @r.post("/forward_backward")
-    async def forward_backward(request: Request) -> dict:
+    async def forward_backward(request: Request, user: User = Depends(caller)) -> dict:
         if request.headers.get("content-encoding"):
             raise UserError(f"Content-Encoding {request.headers['content-encoding']!r} is not supported")
         body = await request.body()
         if PROTOBUF not in request.headers.get("content-type", ""):
             raise UserError("forward_backward expects a protobuf body (Content-Type: application/x-protobuf)")
         msg = wire.parse_forward_backward(body)
-        with consumes_seq(service, msg.model_id, msg.seq_id):
+        with consumes_seq(service, user, msg.model_id, msg.seq_id):
             datums = wire.datums_from_proto(msg)
             config = wire.loss_config(msg)
-            entry = service.forward_backward(msg.model_id, msg.seq_id, datums, msg.loss_fn, config, msg.forward_only)
+            entry = service.forward_backward(msg.model_id, msg.seq_id, datums, msg.loss_fn, config, msg.forward_only, user)
         return promise(entry, msg.model_id)
 
     @r.post("/optim_step")
-    async def optim_step(request: Request) -> dict:
+    async def optim_step(request: Request, user: User = Depends(caller)) -> dict:
         body = await json_body(request)
-        with consumes_seq(service, *ordered_ids(body)):
+        with consumes_seq(service, user, *ordered_ids(body)):
             req = parse(T.OptimStepRequest, body)
             p = req.optim_params
             if not isinstance(p, T.AdamParams):
                 raise UserError(f"optimizer params {type(p).__name__} are not supported; use adam_params")
             params = AdamParams(p.learning_rate, p.beta1, p.beta2, p.eps, p.weight_decay, p.grad_clip_norm)
-            return promise(service.optim_step(req.model_id, req.seq_id, params), req.model_id)
+            return promise(service.optim_step(req.model_id, req.seq_id, params, user), req.model_id)
 
     @r.post("/save_weights")
-    async def save_weights(request: Request) -> dict:
+    async def save_weights(request: Request, user: User = Depends(caller)) -> dict:
         body = await json_body(request)
-        with consumes_seq(service, *ordered_ids(body)):
+        with consumes_seq(service, user, *ordered_ids(body)):
             req = parse(T.SaveWeightsRequest, body)
             entry = service.save_checkpoint(
-                req.model_id, req.seq_id, req.path, "weights", req.ttl_seconds, bool(req.overwrite), req.user_metadata
+                req.model_id, req.seq_id, req.path, "weights", req.ttl_seconds, bool(req.overwrite), req.user_metadata, user=user
             )
         return promise(entry, req.model_id)
 
     @r.post("/save_weights_for_sampler")
-    async def save_weights_for_sampler(request: Request) -> dict:
+    async def save_weights_for_sampler(request: Request, user: User = Depends(caller)) -> dict:
         body = await json_body(request)
-        with consumes_seq(service, *ordered_ids(body)):
+        with consumes_seq(service, user, *ordered_ids(body)):
             req = parse(T.SaveWeightsForSamplerRequest, body)
             session = None
             if req.path is None:
                 if req.sampling_session_seq_id is None:
                     raise UserError("save_weights_for_sampler needs path or sampling_session_seq_id")
-                session = (service.session_of_model(req.model_id), req.sampling_session_seq_id)
+                session = (service.session_of_model(req.model_id, user), req.sampling_session_seq_id)
             entry = service.save_checkpoint(
                 req.model_id, req.seq_id, req.path, "sampler_weights", req.ttl_seconds, True, req.user_metadata,
-                sampler_session=session,
+                sampler_session=session, user=user,
             )
         return promise(entry, req.model_id)
 
     @r.post("/save_weights_external")
-    async def save_weights_external(request: Request) -> dict:
+    async def save_weights_external(request: Request, user: User = Depends(caller)) -> dict:
         body = await json_body(request)
-        with consumes_seq(service, *ordered_ids(body)):
+        with consumes_seq(service, user, *ordered_ids(body)):
             req = parse(T.SaveWeightsExternalRequest, body)
             if req.age_encryption_recipients:
                 raise UserError("age_encryption_recipients is not supported by this server")
-            entry = service.save_checkpoint(req.model_id, req.seq_id, req.path, "external_weights", req.ttl_seconds, True)
+            entry = service.save_checkpoint(req.model_id, req.seq_id, req.path, "external_weights", req.ttl_seconds, True,
+                                            user=user)
         return promise(entry, req.model_id)
 
     @r.post("/load_weights")
-    async def load_weights(request: Request) -> dict:
+    async def load_weights(request: Request, user: User = Depends(caller)) -> dict:
         body = await json_body(request)
-        with consumes_seq(service, *ordered_ids(body)):
+        with consumes_seq(service, user, *ordered_ids(body)):
             req = parse(T.LoadWeightsRequest, body)
             model_id, entry = service.load_weights(
                 req.path, req.optimizer, model_id=req.model_id, seq_id=req.seq_id, session_id=req.session_id,
-                model_seq_id=req.model_seq_id, user_metadata=req.user_metadata,
+                model_seq_id=req.model_seq_id, user_metadata=req.user_metadata, user=user,
             )
         return promise(entry, model_id)
 
     # -- sampling ------------------------------------------------------------------------
 
     @r.post("/create_sampling_session")
-    async def create_sampling_session(request: Request) -> dict:
+    async def create_sampling_session(request: Request, user: User = Depends(caller)) -> dict:
         req = parse(T.CreateSamplingSessionRequest, await json_body(request))
-        sampler_id = service.create_sampling_session(req.session_id, req.sampling_session_seq_id, req.base_model, req.model_path)
+        sampler_id = service.create_sampling_session(req.session_id, req.sampling_session_seq_id, req.base_model, req.model_path,
+                                                     user)
         return {"sampling_session_id": sampler_id, "type": "create_sampling_session"}
 
     @r.get("/samplers/{sampler_id}")
-    async def get_sampler(sampler_id: str) -> dict:
-        row = service.get_sampler(sampler_id)
+    async def get_sampler(sampler_id: str, user: User = Depends(caller)) -> dict:
+        row = service.get_sampler(sampler_id, user)
         out = {"sampler_id": row.id, "base_model": row.base_model}
         if row.model_path:
             out["model_path"] = row.model_path
         return out
 
     @r.post("/asample")
-    async def asample(request: Request) -> dict:
+    async def asample(request: Request, user: User = Depends(caller)) -> dict:
         req = parse(T.SampleRequest, await json_body(request))
         if req.sampling_session_id is None:
             raise UserError("asample needs sampling_session_id")
         if req.target_prompt_logprobs is not None or req.prompt_alt_tokens_k:
             raise UserError("target_prompt_logprobs and prompt_alt_tokens_k are not supported by this server")
-        service.sampler(req.sampling_session_id)  # 404 for an unknown sampler, before anything else
+        service.sampler(req.sampling_session_id, user)  # 404 for an unknown sampler, before anything else
         sample_req = SampleRequest(
             prompt=model_input_tokens(req.prompt, "prompt"),
             num_samples=req.num_samples,
@@ -288,15 +292,15 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
             record_stability_info=bool(req.record_stability_info),
             tenant=getattr(request.state, "tenant", ""),
         )
-        entry, sequence_ids = service.sample(req.sampling_session_id, req.seq_id, sample_req)
+        entry, sequence_ids = service.sample(req.sampling_session_id, req.seq_id, sample_req, user)
         return promise(entry, sample_sequence_ids=sequence_ids)
 
     # -- futures -------------------------------------------------------------------------
 
     @r.post("/retrieve_future")
-    async def retrieve_future(request: Request) -> Response:
+    async def retrieve_future(request: Request, user: User = Depends(caller)) -> Response:
         req = parse(T.FutureRetrieveRequest, await json_body(request))
-        entry = service.futures.get(req.request_id)
+        entry = service.future_for(req.request_id, user)
         if entry is None:
             return JSONResponse(
                 {"error": f"unknown request {req.request_id!r}: it never existed or the server restarted while it ran",

@@ -1,4 +1,4 @@
-"""Durable metadata: sessions, training runs, checkpoints, samplers, metric history.
+"""Durable metadata: sessions, training runs, checkpoints, samplers, metric history, API keys.
 
 SQLite through SQLAlchemy (so a shared deployment can point at Postgres). Every write
 commits before the request that caused it is acknowledged.
@@ -83,6 +83,19 @@ class MetricRow(Base):
     key: Mapped[str] = mapped_column(String)
     value: Mapped[float] = mapped_column(Float)
     time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ApiKeyRow(Base):
+    """One key of one user (`tinkerd keys create`): only its hash is stored (core/keys.py)."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String, index=True)  # the user; owner of what the key creates
+    key_hash: Mapped[str] = mapped_column(String, unique=True)
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(nullable=True, default=None)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(nullable=True, default=None)
 
 
 def open_database(path: Path) -> sessionmaker:

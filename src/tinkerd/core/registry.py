@@ -1,7 +1,8 @@
 """Queries and management of the durable records: training runs, checkpoints, sessions.
 
 This is what the REST routes of the RestClient and the `tinker` CLI read and change
-(listing, publish, TTL, delete, download URLs), plus the file-level guarantees that make
+(listing, publish, TTL, delete, download URLs), each on behalf of a user and within what
+that user may see and change (core/access.py), plus the file-level guarantees that make
 checkpoints safe across crashes: integrity checks before a load, and a startup sweep of
 files that no acknowledged checkpoint points at. It only needs the database and the data
 dir, so offline commands (`tinkerd import-adapter`, `tinkerd export`) use it too.
@@ -26,6 +27,14 @@ from safetensors import SafetensorError, safe_open
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tinkerd.core.access import (
+    NotPermitted,
+    User,
+    checkpoints_owned_by,
+    checkpoints_readable_by,
+    runs_owned_by,
+    runs_readable_by,
+)
 from tinkerd.core.db import CheckpointRow, MetricRow, RunRow, SamplerRow, SessionRow, aware, utcnow
 from tinkerd.core.paths import CHECKPOINT_KINDS, TinkerPath
 from tinkerd.types import NotFound, UserError
@@ -109,12 +118,29 @@ def checkpoint_query(path: TinkerPath) -> Select:
     )
 
 
-def find_checkpoint(s: Session, path: TinkerPath) -> CheckpointRow:
-    """The checkpoint at `path` in session `s`, or NotFound."""
-    row = s.scalar(checkpoint_query(path))
-    if row is None:
+ACCESS_SCOPES = ("owned", "accessible")
+
+
+def find_checkpoint(s: Session, path: TinkerPath, user: User, change: bool = False) -> CheckpointRow:
+    """The checkpoint at `path` in session `s` if `user` may read it (and, with `change`,
+    change it); NotFound when they may not read it, as if it did not exist."""
+    found = s.execute(checkpoint_query(path).join(RunRow, RunRow.id == CheckpointRow.run_id, isouter=True)
+                      .add_columns(RunRow.owner)).first()
+    if found is None:
         raise NotFound(f"checkpoint {path} does not exist")
+    row, owner = found
+    if not user.owns(owner):
+        if not row.public:
+            raise NotFound(f"checkpoint {path} does not exist")
+        if change:
+            raise NotPermitted(f"checkpoint {path} is published by another user: only its owner may change it")
     return row
+
+
+def check_scope(access_scope: str) -> str:
+    if access_scope not in ACCESS_SCOPES:
+        raise UserError(f"access_scope must be 'owned' or 'accessible', got {access_scope!r}")
+    return access_scope
 
 
 # -- the registry --------------------------------------------------------------------------
@@ -127,23 +153,28 @@ class Registry:
 
     # -- runs ------------------------------------------------------------------------------
 
-    def _summaries(self, runs: list[RunRow]) -> list[RunSummary]:
+    def _summaries(self, runs: list[RunRow], user: User) -> list[RunSummary]:
+        """Each run with its newest checkpoints of each kind among those `user` may read."""
         if not runs:
             return []
         latest: dict[tuple[str, str], CheckpointRow] = {}
         with self.db() as s:
             q = (
                 select(CheckpointRow)
-                .where(CheckpointRow.run_id.in_([r.id for r in runs]), CheckpointRow.kind.in_(["weights", "sampler_weights"]))
+                .join(RunRow, RunRow.id == CheckpointRow.run_id)
+                .where(CheckpointRow.run_id.in_([r.id for r in runs]), CheckpointRow.kind.in_(["weights", "sampler_weights"]),
+                       checkpoints_readable_by(user))
                 .order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc())
             )
             for row in s.scalars(q):
                 latest.setdefault((row.run_id, row.kind), row)
         return [RunSummary(r, latest.get((r.id, "weights")), latest.get((r.id, "sampler_weights"))) for r in runs]
 
-    def list_runs(self, limit: int, offset: int, base_model: str | None = None, search: str | None = None) -> tuple[list[RunSummary], int]:
-        """Newest first; optionally only one base model's runs, or runs whose id or base model contains `search`."""
-        q = select(RunRow)
+    def list_runs(self, user: User, limit: int, offset: int, base_model: str | None = None, search: str | None = None,
+                  access_scope: str = "owned") -> tuple[list[RunSummary], int]:
+        """Newest first: `user`'s own runs ("owned"), or every run they may see ("accessible");
+        optionally only one base model's runs, or runs whose id or base model contains `search`."""
+        q = select(RunRow).where(runs_owned_by(user) if check_scope(access_scope) == "owned" else runs_readable_by(user))
         if base_model:
             q = q.where(RunRow.base_model == base_model)
         if search:
@@ -152,7 +183,7 @@ class Registry:
         with self.db() as s:
             total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
             runs = list(s.scalars(q.order_by(RunRow.created_at.desc(), RunRow.id.desc()).offset(offset).limit(limit)))
-        return self._summaries(runs), total
+        return self._summaries(runs, user), total
 
     def run_progress(self, run_ids: list[str]) -> dict[str, tuple[int, float | None]]:
         """Per run: optimizer steps taken, and the last loss a forward pass reported (None before any)."""
@@ -175,33 +206,48 @@ class Registry:
             losses = dict(s.execute(select(MetricRow.run_id, MetricRow.value).join(last_loss_id, MetricRow.id == last_loss_id.c.id)).all())
         return {run_id: (steps.get(run_id, 0), losses.get(run_id)) for run_id in run_ids}
 
-    def run_row(self, run_id: str) -> RunRow:
+    def run_row(self, run_id: str, user: User) -> RunRow:
+        """The run if `user` owns it (or is an admin); NotFound otherwise."""
         with self.db() as s:
             row = s.get(RunRow, run_id)
+        if row is None or not user.owns(row.owner):
+            raise NotFound(f"unknown training run {run_id!r}")
+        return row
+
+    def readable_run(self, run_id: str, user: User) -> RunRow:
+        """The run if `user` may see it: their own, or one with a published checkpoint."""
+        with self.db() as s:
+            row = s.scalar(select(RunRow).where(RunRow.id == run_id, runs_readable_by(user)))
         if row is None:
             raise NotFound(f"unknown training run {run_id!r}")
         return row
 
-    def run(self, run_id: str) -> RunSummary:
-        return self._summaries([self.run_row(run_id)])[0]
+    def run(self, run_id: str, user: User) -> RunSummary:
+        return self._summaries([self.readable_run(run_id, user)], user)[0]
 
-    def metric_history(self, run_id: str, after_id: int = 0) -> list[MetricRow]:
+    def metric_history(self, run_id: str, user: User, after_id: int = 0) -> list[MetricRow]:
         """The run's metrics in the order they were reported; only those recorded after the
-        metric `after_id` when given (so a live chart fetches each point once)."""
-        self.run_row(run_id)
+        metric `after_id` when given (so a live chart fetches each point once). Only for the
+        run's owner: publishing a checkpoint shares the checkpoint, not how it was trained."""
+        self.run_row(run_id, user)
         with self.db() as s:
             q = select(MetricRow).where(MetricRow.run_id == run_id, MetricRow.id > after_id).order_by(MetricRow.id)
             return list(s.scalars(q))
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def list_checkpoints(self, run_id: str | None = None, limit: int | None = None, offset: int = 0) -> tuple[list[CheckpointRow], int]:
-        """Newest first; for one run, or all of them."""
+    def list_checkpoints(self, user: User, run_id: str | None = None, limit: int | None = None, offset: int = 0,
+                         access_scope: str = "owned") -> tuple[list[CheckpointRow], int]:
+        """Newest first, among those `user` may read: one run's, or, across runs, the user's own
+        ("owned") or every one they may read ("accessible": published ones too)."""
         if run_id is not None:
-            self.run_row(run_id)
+            self.readable_run(run_id, user)
+            visible = checkpoints_readable_by(user)
+        else:
+            visible = checkpoints_owned_by(user) if check_scope(access_scope) == "owned" else checkpoints_readable_by(user)
         with self.db() as s:
-            q = select(CheckpointRow)
-            count = select(func.count()).select_from(CheckpointRow)
+            q = select(CheckpointRow).join(RunRow, RunRow.id == CheckpointRow.run_id).where(visible)
+            count = select(func.count()).select_from(CheckpointRow).join(RunRow, RunRow.id == CheckpointRow.run_id).where(visible)
             if run_id is not None:
                 q = q.where(CheckpointRow.run_id == run_id)
                 count = count.where(CheckpointRow.run_id == run_id)
@@ -210,25 +256,26 @@ class Registry:
                 q = q.limit(limit)
             return list(s.scalars(q)), s.scalar(count) or 0
 
-    def checkpoint(self, path: TinkerPath) -> CheckpointRow:
+    def checkpoint(self, path: TinkerPath, user: User) -> CheckpointRow:
+        """The checkpoint if `user` may read it, else NotFound."""
         with self.db() as s:
-            return find_checkpoint(s, path)
+            return find_checkpoint(s, path, user)
 
-    def delete_checkpoint(self, path: TinkerPath) -> None:
+    def delete_checkpoint(self, path: TinkerPath, user: User) -> None:
         """Forget the checkpoint, then free its files (a crash in between leaves only an orphan dir)."""
         with self.db.begin() as s:
-            row = find_checkpoint(s, path)
+            row = find_checkpoint(s, path, user, change=True)
             directory = row.directory
             s.delete(row)
         shutil.rmtree(directory, ignore_errors=True)
 
-    def set_public(self, path: TinkerPath, public: bool) -> None:
+    def set_public(self, path: TinkerPath, public: bool, user: User) -> None:
         # Idempotent: production answers 409 when nothing changes, but the SDK retries 409
         # for five minutes before it gives up, which looks like a hang.
         with self.db.begin() as s:
-            find_checkpoint(s, path).public = public
+            find_checkpoint(s, path, user, change=True).public = public
 
-    def set_ttl(self, path: TinkerPath, ttl_seconds: int | None) -> dt.datetime | None:
+    def set_ttl(self, path: TinkerPath, ttl_seconds: int | None, user: User) -> dt.datetime | None:
         """Expire `ttl_seconds` from now (None: never). The janitor deletes expired checkpoints."""
         if ttl_seconds is not None:
             if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int):
@@ -237,25 +284,29 @@ class Registry:
                 raise UserError(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (10 years), got {ttl_seconds}")
         expires = utcnow() + dt.timedelta(seconds=ttl_seconds) if ttl_seconds is not None else None
         with self.db.begin() as s:
-            find_checkpoint(s, path).expires_at = expires
+            find_checkpoint(s, path, user, change=True).expires_at = expires
         return expires
 
-    def weights_info(self, tinker_path: str) -> tuple[RunRow, CheckpointRow]:
+    def weights_info(self, tinker_path: str, user: User) -> tuple[RunRow, CheckpointRow]:
         path = TinkerPath.parse(tinker_path)
-        row = self.checkpoint(path)
-        return self.run_row(row.run_id), row
+        row = self.checkpoint(path, user)
+        return self.readable_run(row.run_id, user), row
 
     # -- sessions --------------------------------------------------------------------------
 
-    def list_sessions(self, limit: int, offset: int) -> list[SessionRow]:
+    def list_sessions(self, user: User, limit: int, offset: int, access_scope: str = "owned") -> list[SessionRow]:
+        """The user's own sessions, newest first; with "accessible", an admin's list has everyone's."""
+        q = select(SessionRow)
+        if check_scope(access_scope) == "owned" or not user.admin:
+            q = q.where(SessionRow.owner == user.name)
         with self.db() as s:
-            return list(s.scalars(select(SessionRow).order_by(SessionRow.created_at.desc(), SessionRow.id.desc()).offset(offset).limit(limit)))
+            return list(s.scalars(q.order_by(SessionRow.created_at.desc(), SessionRow.id.desc()).offset(offset).limit(limit)))
 
-    def session(self, session_id: str) -> tuple[SessionRow, list[str], list[str]]:
-        """(session, its training run ids, its sampler ids), oldest first."""
+    def session(self, session_id: str, user: User) -> tuple[SessionRow, list[str], list[str]]:
+        """(session, its training run ids, its sampler ids), oldest first; only for its owner."""
         with self.db() as s:
             row = s.get(SessionRow, session_id)
-            if row is None:
+            if row is None or not user.owns(row.owner):
                 raise NotFound(f"unknown session {session_id!r}")
             runs = list(s.scalars(select(RunRow.id).where(RunRow.session_id == session_id).order_by(RunRow.created_at, RunRow.id)))
             samplers = list(
@@ -296,15 +347,17 @@ class Registry:
         payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
         return f"{payload}.{self._signature(payload)}"
 
-    def download_urls(self, path: TinkerPath, base_url: str, now: dt.datetime | None = None) -> tuple[dict[str, str], dt.datetime]:
+    def download_urls(self, path: TinkerPath, base_url: str, user: User,
+                      now: dt.datetime | None = None) -> tuple[dict[str, str], dt.datetime]:
         """{relative file name: signed URL} for every file of an external_weights or sampler_weights
-        checkpoint (both are PEFT adapters; a weights/ checkpoint also holds optimizer state)."""
+        checkpoint (both are PEFT adapters; a weights/ checkpoint also holds optimizer state).
+        Only for a user who may read it: the URLs themselves need no key."""
         if path.kind not in ("external_weights", "sampler_weights"):
             raise UserError(
                 f"{path} is not an external_weights checkpoint: save one with TrainingClient.save_weights_external "
                 "(or use `tinker checkpoint download` for weights/ paths)"
             )
-        row = self.checkpoint(path)
+        row = self.checkpoint(path, user)
         directory = Path(row.directory)
         if not directory.is_dir():
             raise NotFound(f"checkpoint {path} is listed but its files are missing")

@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from tinkerd.core.access import User
 from tinkerd.types import AdapterRef, ModelInfo, NotFound, SampleRequest, TokenEvent, UserError
 
 if TYPE_CHECKING:
@@ -54,16 +55,16 @@ class SampleTarget:
 
 
 class Sampling:
-    def __init__(self, engines: dict[str, EngineClient], adapter_for_path: Callable[[str], tuple[str, AdapterRef]]):
+    def __init__(self, engines: dict[str, EngineClient], adapter_for_path: Callable[[str, User], tuple[str, AdapterRef]]):
         self.engines = engines
         self._adapter_for_path = adapter_for_path
 
-    def resolve(self, model: str) -> SampleTarget:
-        """A served base model's name, or a checkpoint path (its files checked here, so a
-        damaged checkpoint fails now, naming itself). Raises NotFound / UserError(field="model")."""
+    def resolve(self, model: str, user: User) -> SampleTarget:
+        """A served base model's name, or a checkpoint path `user` may read (its files checked
+        here, so a damaged checkpoint fails now, naming itself). Raises NotFound / UserError(field="model")."""
         if not model.startswith("tinker://"):
             return SampleTarget(model, self.engine_for(model), None)
-        base_model, adapter = self._adapter_for_path(model)
+        base_model, adapter = self._adapter_for_path(model, user)
         engine = self.engines.get(base_model)
         if engine is None:
             raise NotFound(f"{model} needs base model {base_model!r}, which this server does not serve", field="model")

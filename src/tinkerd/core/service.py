@@ -5,6 +5,9 @@ database and files under the data dir, orders each model's requests by `seq_id`,
 hands tensor work to the engine of the right base model through its door
 (`EngineClient`). Sampling goes through `core/sampling.py`, the path both front doors take.
 
+Every call names the user it acts for; sessions, models and samplers are that user's, and
+another user's answer as if they did not exist (core/access.py).
+
 What happens when an engine request completes (database commits with fsync, checkpoint
 directory removal, metric rows, sampler registration) runs on one bookkeeping thread, in
 completion order: never on the engine's thread, so a decode step never waits on a disk,
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from tinkerd.core import sampling
+from tinkerd.core.access import SYSTEM, User
 from tinkerd.core.db import CheckpointRow, MetricRow, RunRow, SamplerRow, SessionRow, aware, open_database, utcnow
 from tinkerd.core.futures import Failure, FutureEntry, FutureStore
 from tinkerd.core.paths import TinkerPath, check_checkpoint_name
@@ -61,6 +65,7 @@ MAX_LORA_RANK = 512
 class ModelState:
     run_id: str
     session_id: str
+    owner: str
     engine: EngineClient
     next_seq: int = 1
     last_request: dt.datetime | None = None  # committed as the run's last_request_time with its next metrics or save
@@ -73,6 +78,7 @@ class ModelState:
 class SamplerState:
     sampler_id: str
     session_id: str
+    owner: str
     target: SampleTarget
     model_path: str | None
     seen: dict[int, tuple[FutureEntry, list[str]]] = field(default_factory=dict)
@@ -107,6 +113,7 @@ class Service:
         self.models: dict[str, ModelState] = {}
         self.samplers: dict[str, SamplerState] = {}
         self.session_seen: dict[str, float] = {}
+        self.session_owners: dict[str, str] = {}  # live sessions
         self.stability = StabilityStore()
         self._bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerd-bookkeeping")
         self._janitor: asyncio.Task | None = None
@@ -152,6 +159,7 @@ class Service:
 
     def _end_session(self, session_id: str, status: str) -> None:
         self.session_seen.pop(session_id, None)
+        self.session_owners.pop(session_id, None)
         for model_id in [m for m, st in self.models.items() if st.session_id == session_id]:
             state = self.models.pop(model_id)
             state.engine.drop_adapter(model_id)
@@ -180,30 +188,47 @@ class Service:
         if session_id in self.session_seen:
             self.session_seen[session_id] = asyncio.get_running_loop().time()
 
-    def create_session(self, tags: list[str], user_metadata: dict, owner: str = "local") -> str:
+    def create_session(self, tags: list[str], user_metadata: dict, user: User) -> str:
         session_id = f"sess-{uuid.uuid4().hex[:16]}"
         with self.db.begin() as s:
-            s.add(SessionRow(id=session_id, tags=list(tags), user_metadata=dict(user_metadata), owner=owner))
+            s.add(SessionRow(id=session_id, tags=list(tags), user_metadata=dict(user_metadata), owner=user.name))
         self.session_seen[session_id] = asyncio.get_running_loop().time()
+        self.session_owners[session_id] = user.name
         return session_id
 
-    def heartbeat(self, session_id: str) -> bool:
-        """False when the session is gone (the SDK then stops heartbeating)."""
-        if session_id not in self.session_seen:
+    def heartbeat(self, session_id: str, user: User) -> bool:
+        """False when the session is gone (the SDK then stops heartbeating), or is not `user`'s."""
+        if session_id not in self.session_seen or not user.owns(self.session_owners.get(session_id)):
             return False
         self._touch(session_id)
         return True
 
-    def finish_session(self, session_id: str) -> None:
+    def finish_session(self, session_id: str, user: User) -> None:
         with self.db.begin() as s:
-            if s.get(SessionRow, session_id) is None:
+            row = s.get(SessionRow, session_id)
+            if row is None or not user.owns(row.owner):
                 raise NotFound(f"unknown session {session_id!r}")
         self._end_session(session_id, "finished")
 
-    def _require_session(self, session_id: str) -> None:
-        if session_id not in self.session_seen:
+    def _require_session(self, session_id: str, user: User) -> str:
+        """The owner of a live session of `user`'s; NotFound otherwise."""
+        owner = self.session_owners.get(session_id)
+        if session_id not in self.session_seen or not user.owns(owner):
             raise NotFound(f"unknown or expired session {session_id!r}")
         self._touch(session_id)
+        return owner or user.name
+
+    def future_for(self, request_id: str, user: User) -> FutureEntry | None:
+        """A request's future, if it is one of `user`'s sessions' (None otherwise, as for an unknown id)."""
+        entry = self.futures.get(request_id)
+        if entry is None or entry.session_id is None:
+            return entry
+        owner = self.session_owners.get(entry.session_id)
+        if owner is None:  # the session ended while this request ran
+            with self.db() as s:
+                row = s.get(SessionRow, entry.session_id)
+            owner = row.owner if row is not None else None
+        return entry if user.owns(owner) else None
 
     # -- engines -----------------------------------------------------------------------------
 
@@ -229,26 +254,27 @@ class Service:
 
     # -- ordered training requests -----------------------------------------------------------
 
-    def _model(self, model_id: str) -> ModelState:
+    def _model(self, model_id: str, user: User) -> ModelState:
         state = self.models.get(model_id)
-        if state is None:
+        if state is None or not user.owns(state.owner):
             raise NotFound(f"unknown model_id {model_id!r} (never created, or its session ended)")
         self._touch(state.session_id)
         return state
 
-    def session_of_model(self, model_id: str) -> str:
-        return self._model(model_id).session_id
+    def session_of_model(self, model_id: str, user: User) -> str:
+        return self._model(model_id, user).session_id
 
     def submit_ordered(
         self,
         model_id: str,
+        user: User,
         seq_id: int | None,
         kind: str,
         submit: Callable[[], Future],
         on_done: Callable[[Any], Any] | None = None,
     ) -> FutureEntry:
         """Hand `submit` to the engine once every lower seq_id of this model has been handed over."""
-        state = self._model(model_id)
+        state = self._model(model_id, user)
         if seq_id is not None and seq_id < 1:
             # seq_id 0 is the model's creation: answering its future would train nothing, silently.
             raise UserError(f"seq_id must be >= 1 (0 is the model's creation), got {seq_id}", field="seq_id")
@@ -269,23 +295,24 @@ class Service:
             del state.seen[old]
         return entry
 
-    def skip_seq(self, model_id: str, seq_id: int | None) -> None:
+    def skip_seq(self, model_id: str, seq_id: int | None, user: User) -> None:
         """Consume a seq_id whose request was refused at submission.
 
         The SDK numbers every request; if a refused one left a gap, every later request
-        of that training client would wait for it forever.
+        of that training client would wait for it forever. Only the model's owner's requests
+        count: another user's request naming this model must not use up its owner's seq_ids.
         """
         state = self.models.get(model_id)
-        if state is None or seq_id is None or seq_id in state.seen or seq_id < state.next_seq:
+        if state is None or not user.owns(state.owner) or seq_id is None or seq_id in state.seen or seq_id < state.next_seq:
             return
-        self.submit_ordered(model_id, seq_id, "skipped", _done)
+        self.submit_ordered(model_id, user, seq_id, "skipped", _done)
 
     # -- models ------------------------------------------------------------------------------
 
     def create_model(
-        self, session_id: str, model_seq_id: int, base_model: str, spec: LoraSpec, user_metadata: dict
+        self, session_id: str, model_seq_id: int, base_model: str, spec: LoraSpec, user_metadata: dict, user: User
     ) -> tuple[str, FutureEntry]:
-        self._require_session(session_id)
+        owner = self._require_session(session_id, user)
         engine = self.engine_for(base_model)
         if not (1 <= spec.rank <= MAX_LORA_RANK):
             raise UserError(f"lora_config.rank must be between 1 and {MAX_LORA_RANK}, got {spec.rank}", field="rank")
@@ -296,35 +323,37 @@ class Service:
             return model_id, self.models[model_id].seen.get(0) or self.futures.create("create_model", session_id)
         if spec.seed is None:
             spec = LoraSpec(spec.rank, spec.train_attn, spec.train_mlp, spec.train_unembed, int(uuid.uuid4().int % 2**31))
-        state = ModelState(run_id=model_id, session_id=session_id, engine=engine)
+        state = ModelState(run_id=model_id, session_id=session_id, owner=owner, engine=engine)
         self.models[model_id] = state
         entry = self.futures.create("create_model", session_id)
         state.seen[0] = entry
 
         def on_done(_: Any) -> dict:
-            self._record_run(model_id, session_id, base_model, spec, user_metadata)
+            self._record_run(model_id, session_id, owner, base_model, spec, user_metadata)
             return {"model_id": model_id}
 
         self._chain(engine.create_adapter(model_id, spec), entry, on_done, on_failure=lambda: self.models.pop(model_id, None))
         return model_id, entry
 
-    def _record_run(self, run_id: str, session_id: str, base_model: str, spec: LoraSpec, user_metadata: dict | None) -> None:
+    def _record_run(self, run_id: str, session_id: str, owner: str, base_model: str, spec: LoraSpec,
+                    user_metadata: dict | None) -> None:
         with self.db.begin() as s:
             s.merge(
                 RunRow(
-                    id=run_id, session_id=session_id, base_model=base_model, lora_rank=spec.rank,
+                    id=run_id, session_id=session_id, owner=owner, base_model=base_model, lora_rank=spec.rank,
                     train_attn=spec.train_attn, train_mlp=spec.train_mlp, train_unembed=spec.train_unembed,
                     seed=spec.seed, user_metadata=dict(user_metadata or {}),
                 )
             )
 
-    def get_run(self, run_id: str) -> RunRow:
-        return self.registry.run_row(run_id)
+    def get_run(self, run_id: str, user: User) -> RunRow:
+        """A run `user` owns (NotFound otherwise, as for an unknown one)."""
+        return self.registry.run_row(run_id, user)
 
     def forward_backward(
-        self, model_id: str, seq_id: int, datums: list[Datum], loss_fn: str, config: dict, forward_only: bool
+        self, model_id: str, seq_id: int, datums: list[Datum], loss_fn: str, config: dict, forward_only: bool, user: User
     ) -> FutureEntry:
-        state = self._model(model_id)
+        state = self._model(model_id, user)
         self._attach_provenance(state.session_id, datums, loss_fn)
         call = ForwardBackwardCall(model_id, datums, loss_fn, config, forward_only)
 
@@ -332,7 +361,7 @@ class Service:
             self._record_metrics(model_id, seq_id, "forward" if forward_only else "forward_backward", result.metrics)
             return result
 
-        return self.submit_ordered(model_id, seq_id, "fwdbwd", lambda: state.engine.forward_backward(call), record)
+        return self.submit_ordered(model_id, user, seq_id, "fwdbwd", lambda: state.engine.forward_backward(call), record)
 
     def _attach_provenance(self, session_id: str, datums: list[Datum], loss_fn: str) -> None:
         for i, d in enumerate(datums):
@@ -350,14 +379,14 @@ class Service:
             if loss_fn == "stable_reinforce" and targets is not None:
                 d.stability = stability_for_datum(d.loss_fn_input_spans or [], targets, self.stability, session_id)
 
-    def optim_step(self, model_id: str, seq_id: int, params: AdamParams) -> FutureEntry:
-        state = self._model(model_id)
+    def optim_step(self, model_id: str, seq_id: int, params: AdamParams, user: User) -> FutureEntry:
+        state = self._model(model_id, user)
 
         def record(metrics: dict[str, float]) -> dict:
             self._record_metrics(model_id, seq_id, "optim_step", {**metrics, "learning_rate:mean": params.learning_rate})
             return {"metrics": metrics}
 
-        return self.submit_ordered(model_id, seq_id, "optim_step", lambda: state.engine.optim_step(model_id, params), record)
+        return self.submit_ordered(model_id, user, seq_id, "optim_step", lambda: state.engine.optim_step(model_id, params), record)
 
     def _record_metrics(self, run_id: str, seq_id: int, kind: str, metrics: dict[str, float]) -> None:
         with self.db.begin() as s:
@@ -389,9 +418,11 @@ class Service:
         overwrite: bool = True,
         user_metadata: dict | None = None,
         sampler_session: tuple[str, int] | None = None,
+        *,
+        user: User,
     ) -> FutureEntry:
         """save_weights (kind=weights), save_weights_for_sampler (sampler_weights), external."""
-        state = self._model(model_id)  # raises NotFound for an unknown model
+        state = self._model(model_id, user)  # raises NotFound for an unknown model, or another user's
         engine = state.engine
         if name is None:
             # save_weights_and_get_sampling_client: an ephemeral, unlisted snapshot.
@@ -401,15 +432,15 @@ class Service:
             sampler_id = f"{session_id}:sample:{sampling_seq}"
             directory = str(self.data_dir / "ephemeral" / sampler_id)
             key = f"ephemeral:{sampler_id}:{uuid.uuid4().hex[:8]}"
-            run = self.get_run(model_id)
+            run = self.get_run(model_id, user)
 
             def on_ephemeral_saved(_: int) -> dict:
                 target = SampleTarget(run.base_model, self.engine_for(run.base_model), AdapterRef(key, directory))
-                self._register_sampler(sampler_id, session_id, target, None)
+                self._register_sampler(sampler_id, session_id, state.owner, target, None)
                 return {"sampling_session_id": sampler_id}
 
             return self.submit_ordered(
-                model_id, seq_id, "save", lambda: engine.save_adapter(model_id, directory, False, key), on_ephemeral_saved
+                model_id, user, seq_id, "save", lambda: engine.save_adapter(model_id, directory, False, key), on_ephemeral_saved
             )
         check_checkpoint_name(name)
         if ttl_seconds is not None and not (1 <= ttl_seconds <= MAX_TTL_SECONDS):
@@ -452,11 +483,13 @@ class Service:
             return result
 
         return self.submit_ordered(
-            model_id, seq_id, "save", lambda: engine.save_adapter(model_id, str(directory), with_optimizer, sampler_key), on_saved
+            model_id, user, seq_id, "save", lambda: engine.save_adapter(model_id, str(directory), with_optimizer, sampler_key),
+            on_saved,
         )
 
-    def find_checkpoint(self, tinker_path: str) -> CheckpointRow:
-        return self.registry.checkpoint(TinkerPath.parse(tinker_path))
+    def find_checkpoint(self, tinker_path: str, user: User) -> CheckpointRow:
+        """A checkpoint `user` may read: their own, or a published one."""
+        return self.registry.checkpoint(TinkerPath.parse(tinker_path), user)
 
     def load_weights(
         self,
@@ -467,33 +500,38 @@ class Service:
         session_id: str | None = None,
         model_seq_id: int | None = None,
         user_metadata: dict | None = None,
+        *,
+        user: User,
     ) -> tuple[str, FutureEntry]:
-        """Create-via-load (session_id + model_seq_id) or legacy load into an existing model."""
-        row = self.find_checkpoint(path)
+        """Create-via-load (session_id + model_seq_id) or legacy load into an existing model,
+        from a checkpoint `user` may read."""
+        if model_id is not None:
+            self._model(model_id, user)  # another user's model is unknown, whatever the path
+        row = self.find_checkpoint(path, user)
         if with_optimizer and not row.has_optimizer:
             raise UserError(f"{path} has no optimizer state (only save_state checkpoints do)")
-        source_run = self.get_run(row.run_id)
+        source_run = self.registry.run_row(row.run_id, SYSTEM)  # readable through its checkpoint
         directory = row.directory
         check_checkpoint_files(Path(directory), path, with_optimizer)
         if model_id is not None:
-            engine = self._model(model_id).engine
+            engine = self._model(model_id, user).engine
             return model_id, self.submit_ordered(
-                model_id, seq_id, "load", lambda: engine.load_adapter(model_id, directory, with_optimizer), lambda _: {"path": path}
+                model_id, user, seq_id, "load", lambda: engine.load_adapter(model_id, directory, with_optimizer), lambda _: {"path": path}
             )
         if session_id is None or model_seq_id is None:
             raise UserError("load_weights needs model_id, or session_id and model_seq_id")
-        self._require_session(session_id)
+        owner = self._require_session(session_id, user)
         engine = self.engine_for(source_run.base_model)
         new_id = f"{session_id}:train:{model_seq_id}"
         if new_id in self.models and 0 in self.models[new_id].seen:
             return new_id, self.models[new_id].seen[0]
-        state = ModelState(run_id=new_id, session_id=session_id, engine=engine)
+        state = ModelState(run_id=new_id, session_id=session_id, owner=owner, engine=engine)
         self.models[new_id] = state
         entry = self.futures.create("load", session_id)
         state.seen[0] = entry
 
         def on_done(spec: LoraSpec) -> dict:
-            self._record_run(new_id, session_id, source_run.base_model, spec, user_metadata or source_run.user_metadata)
+            self._record_run(new_id, session_id, owner, source_run.base_model, spec, user_metadata or source_run.user_metadata)
             return {"path": path, "model_id": new_id}
 
         self._chain(engine.load_adapter(new_id, directory, with_optimizer), entry, on_done,
@@ -502,48 +540,50 @@ class Service:
 
     # -- sampling ----------------------------------------------------------------------------
 
-    def _register_sampler(self, sampler_id: str, session_id: str, target: SampleTarget, model_path: str | None) -> None:
-        self.samplers[sampler_id] = SamplerState(sampler_id, session_id, target, model_path)
+    def _register_sampler(self, sampler_id: str, session_id: str, owner: str, target: SampleTarget, model_path: str | None) -> None:
+        self.samplers[sampler_id] = SamplerState(sampler_id, session_id, owner, target, model_path)
         with self.db.begin() as s:
             s.merge(SamplerRow(id=sampler_id, session_id=session_id, base_model=target.base_model, model_path=model_path))
 
-    def adapter_for_path(self, model_path: str) -> tuple[str, AdapterRef]:
-        """(base model, adapter ref) for a checkpoint path; raises NotFound/UserError naming it."""
-        row = self.find_checkpoint(model_path)
+    def adapter_for_path(self, model_path: str, user: User) -> tuple[str, AdapterRef]:
+        """(base model, adapter ref) for a checkpoint path `user` may read; raises NotFound/UserError naming it."""
+        row = self.find_checkpoint(model_path, user)
         check_checkpoint_files(Path(row.directory), model_path)
-        run = self.get_run(row.run_id)
+        run = self.registry.run_row(row.run_id, SYSTEM)  # readable through its checkpoint
         key = (row.user_metadata or {}).get("_cache_key") or f"{model_path}@{row.id}"
         return run.base_model, AdapterRef(key=key, directory=row.directory)
 
     def create_sampling_session(
-        self, session_id: str, sampling_seq: int, base_model: str | None, model_path: str | None
+        self, session_id: str, sampling_seq: int, base_model: str | None, model_path: str | None, user: User
     ) -> str:
-        self._require_session(session_id)
+        owner = self._require_session(session_id, user)
         if not (model_path or base_model):
             raise UserError("create_sampling_session needs base_model or model_path")
-        target = self.sampling.resolve(model_path or base_model)  # type: ignore[arg-type]
+        target = self.sampling.resolve(model_path or base_model, user)  # type: ignore[arg-type]
         sampler_id = f"{session_id}:sample:{sampling_seq}"
-        self._register_sampler(sampler_id, session_id, target, model_path)
+        self._register_sampler(sampler_id, session_id, owner, target, model_path)
         return sampler_id
 
-    def sampler(self, sampler_id: str) -> SamplerState:
+    def sampler(self, sampler_id: str, user: User) -> SamplerState:
         state = self.samplers.get(sampler_id)
-        if state is None:
+        if state is None or not user.owns(state.owner):
             raise NotFound(f"unknown sampling session {sampler_id!r} (never created, or its session ended)")
         return state
 
-    def get_sampler(self, sampler_id: str) -> SamplerRow:
+    def get_sampler(self, sampler_id: str, user: User) -> SamplerRow:
+        """A sampler's record, for its session's owner."""
         with self.db() as s:
-            row = s.get(SamplerRow, sampler_id)
-        if row is None:
+            found = s.execute(select(SamplerRow, SessionRow.owner).join(SessionRow, SessionRow.id == SamplerRow.session_id,
+                                                                        isouter=True).where(SamplerRow.id == sampler_id)).first()
+        if found is None or not user.owns(found[1]):
             raise NotFound(f"unknown sampling session {sampler_id!r}")
-        return row
+        return found[0]
 
-    def sample(self, sampler_id: str, seq_id: int | None, request: SampleRequest) -> tuple[FutureEntry, list[str]]:
+    def sample(self, sampler_id: str, seq_id: int | None, request: SampleRequest, user: User) -> tuple[FutureEntry, list[str]]:
         """A Tinker sample request: checked (a failed check fails its future, as a `user`
         failure naming the field), submitted, and its samples recorded for StableReinforce
         when asked."""
-        state = self.sampler(sampler_id)
+        state = self.sampler(sampler_id, user)
         self._touch(state.session_id)
         if seq_id is not None and seq_id in state.seen:
             return state.seen[seq_id]
@@ -576,8 +616,9 @@ class Service:
 
     # -- listing -----------------------------------------------------------------------------
 
-    def list_checkpoints(self, run_id: str | None = None) -> list[CheckpointRow]:
-        return self.registry.list_checkpoints(run_id)[0]
+    def readable_checkpoints(self, user: User) -> list[CheckpointRow]:
+        """Every checkpoint `user` may read: their own and the published ones."""
+        return self.registry.list_checkpoints(user, access_scope="accessible")[0]
 
 
 _TINKER_FIELDS = {"temperature", "top_p", "top_k", "stop", "max_tokens", "seed"}
