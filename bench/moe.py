@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import Context, log, row, settle
+from bench.train_throughput import LEARNING_RATE, RANK, PeftTrainer
 
-RANK = 8
-LEARNING_RATE = 1e-4
 VOCAB = 4096
 
 
@@ -52,7 +51,10 @@ def build_model(ctx: Context) -> Path:
     return target
 
 
-class PeftMoeTrainer:
+class PeftMoeTrainer(PeftTrainer):
+    """The train_throughput baseline's loop (its `step`), on the MoE model, with PEFT's LoRA on
+    attention and on the stacked experts."""
+
     def __init__(self, model_dir: Path, sequences: list[list[int]]):
         import torch
         from peft import LoraConfig, get_peft_model
@@ -65,20 +67,10 @@ class PeftMoeTrainer:
         self.model = get_peft_model(model, config)
         self.model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.trainable_params = sum(p.numel() for p in trainable)
         self.optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
         data = torch.tensor(sequences)
         self.inputs, self.targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-
-    def step(self) -> float:
-        torch = self.torch
-        with torch.enable_grad():
-            logits = self.model(input_ids=self.inputs, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), self.targets.reshape(-1),
-                                                     reduction="sum")
-            loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(loss.detach())
 
 
 class MoeGenerate:
