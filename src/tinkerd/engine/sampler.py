@@ -203,9 +203,10 @@ class Sampler:
     # -- admission -------------------------------------------------------------------------
 
     def admit(self, pending: list[PendingSample]) -> list[PendingSample]:
-        """Prefill the newly arrived requests that fit the KV budget, in shared passes, and add
-        their rows to the batch. Returns those that must wait for running rows to finish (the
-        first that does not fit and every later one, in order: none overtakes it)."""
+        """Prefill waiting requests, in shared passes, and add their rows to the batch: tenants
+        in turn (docs/engine.md §4.7), as many as one prefill round and the KV budget allow.
+        Returns the rest, in the order to take them next: those past the KV budget (the first
+        that does not fit and every later one: none overtakes it), then those past the round."""
         pending, later = self._prefill_round(_tenants_in_turn(pending))
         pending, waiting = self._within_kv_budget(pending)
         waiting += later
