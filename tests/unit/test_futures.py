@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 from tinkerd.core.futures import DELIVERED_RETENTION_S, UNCLAIMED_RETENTION_S, FutureStore
 
@@ -16,7 +17,10 @@ class Clock:
 
 
 def deliver(store: FutureStore, entry) -> bool:  # noqa: ANN001
-    return asyncio.run(store.wait(entry, timeout=0.01))
+    """A poll for the result, as retrieve_future makes it: on a loop of its own thread (this
+    one may already run a loop, as other tests' clients leave it)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, store.wait(entry, timeout=0.01)).result()
 
 
 def test_a_delivered_result_stays_for_re_polls_then_goes():
