@@ -1,7 +1,8 @@
 """8. Fair sharing: one user's lone sample request while another user floods the server.
 
 User A (its own API key) sends F samples of 64 tokens at once; while they run, user B (another
-key) sends one 8-token request at a time, R of them in a row. Their latency is compared with
+key, in a process of its own, as another user's client would be: one process's SDK clients
+share its connections) sends one 8-token request at a time, R of them in a row. Their latency is compared with
 the same request on an idle server (median of R). The server should keep B close to its idle
 latency: target <= 2x. Also reported: how long A's flood took, against the same flood alone
 (what fairness costs the heavy user).
@@ -23,47 +24,63 @@ def sizes(smoke: bool) -> dict:
     return {"flood": 200, "flood_tokens": 64, "lone_tokens": 8, "repeats": 5}
 
 
+_LONE_CLIENT = None  # user B's SamplingClient, in B's process
+
+
+def lone_latencies(base_url: str, model_name: str, prompt: list[int], max_tokens: int, repeats: int) -> list[float]:
+    """In user B's process: seconds for each of `repeats` requests in a row (after a warm-up)."""
+    global _LONE_CLIENT
+    import tinker
+    from tinker import types
+
+    if _LONE_CLIENT is None:
+        service = tinker.ServiceClient(base_url=base_url, api_key="tml-bench-user-b")
+        _LONE_CLIENT = service.create_sampling_client(base_model=model_name).result()
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=1)
+    _LONE_CLIENT.sample(types.ModelInput.from_ints(prompt), 1, params).result()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _LONE_CLIENT.sample(types.ModelInput.from_ints(prompt), 1, params).result()
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def run(ctx: Context, smoke: bool) -> dict:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     import tinker
     from tinker import types
 
     cfg = sizes(smoke)
     server = ctx.server()
     heavy = tinker.ServiceClient(base_url=server.base_url, api_key="tml-bench-user-a")
-    light = tinker.ServiceClient(base_url=server.base_url, api_key="tml-bench-user-b")
     flood_client = heavy.create_sampling_client(base_model=ctx.model_name).result()
-    lone_client = light.create_sampling_client(base_model=ctx.model_name).result()
     rng = np.random.default_rng(7)
     flood_prompts = [random_tokens(rng, ctx.shape.vocab, 32) for _ in range(cfg["flood"])]
-    lone_prompt = random_tokens(rng, ctx.shape.vocab, 32)
-    lone_params = types.SamplingParams(max_tokens=cfg["lone_tokens"], temperature=1.0, seed=1)
-
-    def lone() -> float:
-        start = time.perf_counter()
-        lone_client.sample(types.ModelInput.from_ints(lone_prompt), 1, lone_params).result()
-        return time.perf_counter() - start
+    lone_args = (server.base_url, ctx.model_name, random_tokens(rng, ctx.shape.vocab, 32), cfg["lone_tokens"], cfg["repeats"])
 
     def flood() -> list:
         params = types.SamplingParams(max_tokens=cfg["flood_tokens"], temperature=1.0, seed=2)
         return [flood_client.sample(types.ModelInput.from_ints(p), 1, params) for p in flood_prompts]
 
-    lone()  # warm-up
-    idle = [lone() for _ in range(cfg["repeats"])]
-    settle()
-    start = time.perf_counter()
-    for future in flood():
-        future.result()
-    flood_alone_s = time.perf_counter() - start
-    settle()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as user_b:
+        idle = user_b.submit(lone_latencies, *lone_args).result()
+        settle()
+        start = time.perf_counter()
+        for future in flood():
+            future.result()
+        flood_alone_s = time.perf_counter() - start
+        settle()
 
-    start = time.perf_counter()
-    futures = flood()
-    busy = [lone() for _ in range(cfg["repeats"])]
-    for future in futures:
-        future.result()
-    flood_shared_s = time.perf_counter() - start
+        start = time.perf_counter()
+        futures = flood()
+        busy = user_b.submit(lone_latencies, *lone_args).result()
+        for future in futures:
+            future.result()
+        flood_shared_s = time.perf_counter() - start
     close_quietly(heavy)
-    close_quietly(light)
     idle_s, busy_s = statistics.median(idle), statistics.median(busy)
     log(f"fairness: lone request idle {idle_s * 1000:.0f} ms, beside the flood {busy_s * 1000:.0f} ms "
         f"(worst {max(busy) * 1000:.0f} ms); flood {flood_alone_s:.1f} s alone, {flood_shared_s:.1f} s shared")

@@ -36,7 +36,7 @@ KV_LENGTH_STEP = 256  # the KV cache grows in length as rows need it, not by max
 # as many of the others' as keep the step at SHARED_STEP_ROWS rows (at least half of them):
 # a lone request then decodes at close to its idle speed beside a flood of another's.
 LIGHT_TENANT_ROWS = 4
-SHARED_STEP_ROWS = {"cpu": 16, "cuda": 256}
+SHARED_STEP_ROWS = {"cpu": 8, "cuda": 256}
 # Prompt tokens prefilled per admission round, taken from tenants in turn: a flood of prompts
 # is prefilled over several rounds, with decode steps and other tenants' requests between.
 PREFILL_TOKENS_PER_ROUND = {"cpu": 2048, "cuda": 16384}
