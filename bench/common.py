@@ -89,6 +89,23 @@ def stopwatch() -> Iterator[Callable[[], float]]:
     end.append(time.perf_counter())
 
 
+def time_in_turns(sides: dict[str, Callable[[], Any]], rounds: int, steps_per_round: int,
+                  after_round: Callable[[int, dict[str, list[float]]], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of each call of each side, the sides taking turns round by round (steps_per_round
+    calls each), so that load from elsewhere hits them alike."""
+    step_s: dict[str, list[float]] = {name: [] for name in sides}
+    for round_index in range(rounds):
+        for name, step in sides.items():
+            for _ in range(steps_per_round):
+                start = time.perf_counter()
+                step()
+                step_s[name].append(time.perf_counter() - start)
+            settle()
+        if after_round is not None:
+            after_round(round_index, step_s)
+    return step_s
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

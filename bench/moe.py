@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import Context, log, row, settle
+from bench.common import Context, log, row, settle, time_in_turns
 from bench.train_throughput import LEARNING_RATE, RANK, PeftTrainer
 
 VOCAB = 4096
@@ -135,14 +135,7 @@ def run(ctx: Context, smoke: bool) -> dict:
                  "transformers_peft": lambda: on_thread(peft.step)}
         for step in sides.values():  # warm-up
             step()
-        step_s: dict[str, list[float]] = {name: [] for name in sides}
-        for _ in range(cfg["rounds"]):
-            for name, step in sides.items():
-                for _ in range(cfg["steps_per_round"]):
-                    start = time.perf_counter()
-                    step()
-                    step_s[name].append(time.perf_counter() - start)
-                settle()
+        step_s = time_in_turns(sides, cfg["rounds"], cfg["steps_per_round"])
         tokens_per_step = cfg["batch"] * cfg["seq_len"]
         train_tps = {name: tokens_per_step * len(t) / sum(t) for name, t in step_s.items()}
         log("moe train: " + ", ".join(f"{n} {v:.0f} tok/s" for n, v in train_tps.items()))

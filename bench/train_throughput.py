@@ -18,7 +18,6 @@ matmul peak measured now with torch.mm at the model's shapes for the batch's row
 from __future__ import annotations
 
 import gc
-import time
 
 import numpy as np
 
@@ -33,6 +32,7 @@ from bench.common import (
     random_tokens,
     row,
     settle,
+    time_in_turns,
 )
 
 RANK = 8
@@ -168,19 +168,14 @@ def measure(ctx: Context, cfg: dict) -> dict:
     first_loss["transformers_peft"] = ctx.on_torch_thread(baseline.step)
     settle()
 
-    # The sides take turns, round by round, so that load from elsewhere hits them alike.
     sides = {"tinkerd_sdk": lambda: sdk_step(training, datums), "tinkerd_engine_in_process": engine.step,
              "transformers_peft": lambda step=baseline.step: ctx.on_torch_thread(step)}
-    step_s: dict[str, list[float]] = {name: [] for name in sides}
-    for round_index in range(cfg["rounds"]):
-        for name, step in sides.items():
-            for _ in range(cfg["steps_per_round"]):
-                start = time.perf_counter()
-                step()
-                step_s[name].append(time.perf_counter() - start)
-            settle()
+
+    def report(round_index: int, step_s: dict[str, list[float]]) -> None:
         log(f"train_throughput: {batch} x {seq_len}, round {round_index + 1}: " + ", ".join(
             f"{name} {tokens_per_step * len(times) / sum(times):.0f} tok/s" for name, times in step_s.items()))
+
+    step_s = time_in_turns(sides, cfg["rounds"], cfg["steps_per_round"], report)
     close_quietly(service)
     engine.close()
     trainable_params = baseline.trainable_params
