@@ -18,7 +18,7 @@ from console_testing import API_KEY, CHROMIUM_FLAGS, Trainer, chromium_path
 from tinkerd_testing import Server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # its event loop ends with each module: later tests run asyncio loops of their own
 def browser():
     from playwright.sync_api import expect, sync_playwright
 
