@@ -60,17 +60,10 @@ class PeftMoeTrainer(PeftTrainer):
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM
 
-        self.torch = torch
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-        self.model = get_peft_model(model, config)
-        self.model.train()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.trainable_params = sum(p.numel() for p in trainable)
-        self.optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0)
-        data = torch.tensor(sequences)
-        self.inputs, self.targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+        self.setup(get_peft_model(model, config), sequences)
 
 
 class MoeGenerate:

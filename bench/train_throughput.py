@@ -113,13 +113,17 @@ class PeftTrainer:
     """The baseline: a plain transformers + PEFT LoRA loop, as a user would write it."""
 
     def __init__(self, ctx: Context, sequences: list[list[int]]):
-        import torch
         from peft import LoraConfig, get_peft_model
 
-        self.torch = torch
-        model = load_hf_model(ctx.model_dir)
         config = LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-        self.model = get_peft_model(model, config)
+        self.setup(get_peft_model(load_hf_model(ctx.model_dir), config), sequences)
+
+    def setup(self, peft_model, sequences: list[list[int]]) -> None:  # noqa: ANN001 - a PEFT model
+        """AdamW over the PEFT model's trainable parameters, and the batch as input and target tokens."""
+        import torch
+
+        self.torch = torch
+        self.model = peft_model
         self.model.train()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.trainable_params = sum(p.numel() for p in trainable)
