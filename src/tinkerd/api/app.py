@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tinkerd.api.auth import Admission, api_key_of
 from tinkerd.api.bodies import BodySizeLimit
@@ -71,15 +74,53 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
     for router in build_openai_routers(service):
         app.include_router(router)
     mount_console(app, service)
-    # Outermost: a body past its limit is refused before anything reads it.
+    # A body past its limit is refused before anything reads it.
     app.add_middleware(BodySizeLimit, render=_error)
+    # Outermost: whatever fails inside, the client gets a JSON answer on a connection that stays open.
+    app.add_middleware(InternalErrors, render=_error)
     return app
+
+
+class InternalErrors:
+    """ASGI middleware: an unexpected exception answers a JSON 500 in the door's error shape,
+    and the connection stays open.
+
+    Starlette's last resort (ServerErrorMiddleware) answers a plain-text 500 and re-raises, and
+    uvicorn then closes the connection: a client's other requests on its pooled connection fail
+    with it. Once a response has started (a stream), no status can be answered any more; that
+    exception goes on to the server, which ends the connection.
+    """
+
+    def __init__(self, app: ASGIApp, render: Callable[[int, str, Request], Response]):
+        self.app = app
+        self.render = render
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("internal error answering %s %s", scope["method"], scope["path"])
+            # The exception's text stays in the log: it can name files and internals.
+            message = f"internal server error ({type(exc).__name__}); the server's log has the details"
+            await self.render(500, message, Request(scope))(scope, receive, send)
 
 
 def _error(status: int, message: str, request: Request, param: str | None = None) -> JSONResponse:
     """The one error shape of each door: OpenAI's under /oai/ and /v1/, FastAPI's elsewhere."""
     if request.url.path.startswith(("/oai/", "/v1/")):
         kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error"}.get(status, "invalid_request_error")
+                404: "not_found_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
         return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
     return JSONResponse({"detail": message}, status_code=status)

@@ -113,11 +113,18 @@ def build_metrics(service: Service) -> tuple[APIRouter, Callable[[Request, Calla
                        ["route", "method", "status"], registry=registry)
 
     async def count_requests(request: Request, call_next: Callable) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        # The route's template (`/api/v1/training_runs/{run_id}`), never the path itself: ids
-        # in label values would make a series per run.
-        requests.labels(getattr(route, "path", "unmatched"), request.method, str(response.status_code)).inc()
+        def count(status: int) -> None:
+            route = request.scope.get("route")
+            # The route's template (`/api/v1/training_runs/{run_id}`), never the path itself: ids
+            # in label values would make a series per run.
+            requests.labels(getattr(route, "path", "unmatched"), request.method, str(status)).inc()
+
+        try:
+            response = await call_next(request)
+        except Exception:
+            count(500)  # answered outside, by the app's InternalErrors
+            raise
+        count(response.status_code)
         return response
 
     router = APIRouter()
