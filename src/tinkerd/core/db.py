@@ -1,7 +1,9 @@
 """Durable metadata: sessions, training runs, checkpoints, samplers, metric history, API keys.
 
-SQLite through SQLAlchemy (so a shared deployment can point at Postgres). Every write
-commits before the request that caused it is acknowledged.
+SQLAlchemy over SQLite (a file in the data dir, the default) or Postgres (`--database-url`,
+for a shared deployment). Every write commits before the request that caused it is
+acknowledged. The models here are the schema as the newest migration leaves it
+(core/migrations/): a change to them comes with a new revision there (docs/database.md).
 """
 
 from __future__ import annotations
@@ -9,7 +11,21 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, UniqueConstraint, create_engine, event
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Engine,
+    Float,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 
@@ -58,7 +74,7 @@ class CheckpointRow(Base):
     name: Mapped[str] = mapped_column(String)
     directory: Mapped[str] = mapped_column(String)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)  # 64-bit: a checkpoint may pass 2 GiB
     public: Mapped[bool] = mapped_column(Boolean, default=False)
     user_metadata: Mapped[dict] = mapped_column(JSON, default=dict)
     expires_at: Mapped[dt.datetime | None] = mapped_column(nullable=True, default=None)
@@ -98,22 +114,83 @@ class ApiKeyRow(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(nullable=True, default=None)
 
 
-def open_database(path: Path) -> sessionmaker:
-    engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
+DATABASE_FILE = "tinkerd.sqlite"
+POSTGRES_DRIVER = "postgresql+psycopg"
 
-    @event.listens_for(engine, "connect")
-    def _pragmas(conn, _record):  # durability with decent write speed
-        cur = conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA synchronous=FULL")
-        cur.close()
 
-    Base.metadata.create_all(engine)
+class DatabaseError(Exception):
+    """The database cannot be opened (bad URL, missing driver, unreachable server, a schema
+    from a newer tinkerd); the message says which, without the password."""
+
+
+def default_database_url(data_dir: Path) -> str:
+    """The SQLite file in the data dir: what every tinkerd used before --database-url."""
+    return f"sqlite:///{data_dir / DATABASE_FILE}"
+
+
+def parse_database_url(url: str | Path) -> URL:
+    """A SQLAlchemy URL (a Path means a SQLite file). `postgresql://` and `postgres://`
+    without a driver mean psycopg (3), the one Postgres driver tinkerd installs."""
+    if isinstance(url, Path):
+        url = f"sqlite:///{url}"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseError(f"invalid database URL {url!r}: expected e.g. sqlite:////path/tinkerd.sqlite or "
+                            "postgresql://user:password@host:5432/dbname") from None
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername=POSTGRES_DRIVER)
+    return parsed
+
+
+def shown(url: str | Path | URL) -> str:
+    """The URL as logs and messages may show it: no password."""
+    return (url if isinstance(url, URL) else parse_database_url(url)).render_as_string(hide_password=True)
+
+
+def create_database_engine(url: str | Path | URL) -> Engine:
+    """An engine with each backend's settings: SQLite's durability pragmas, Postgres's pool."""
+    url = url if isinstance(url, URL) else parse_database_url(url)
+    backend = url.get_backend_name()
+    try:
+        if backend == "sqlite":
+            engine = create_engine(url, connect_args={"check_same_thread": False})
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(conn, _record):  # durability with decent write speed
+                cur = conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.close()
+
+            return engine
+        if backend == "postgresql":
+            # Requests run on many threads (the event loop, the bookkeeping thread, FastAPI's
+            # thread pool): enough connections that they rarely wait for one, checked before use
+            # so a restarted Postgres costs one retry, not an error. Sessions speak UTC, so
+            # timestamps read back as UTC whatever the server's TimeZone.
+            return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=3600,
+                                 connect_args={"options": "-c timezone=UTC", "connect_timeout": 10})
+        return create_engine(url)
+    except ModuleNotFoundError as exc:
+        extra = " (pip install 'tinkerd[postgres]')" if backend == "postgresql" else ""
+        raise DatabaseError(f"no driver for {shown(url)}: {exc}{extra}") from None
+    except (ArgumentError, SQLAlchemyError) as exc:
+        raise DatabaseError(f"cannot use database {shown(url)}: {exc}") from None
+
+
+def open_database(url: str | Path) -> sessionmaker:
+    """Sessions on the database at `url` (a Path: a SQLite file), its schema brought up to
+    date first (core/migrate.py)."""
+    from tinkerd.core.migrate import upgrade_to_head
+
+    engine = create_database_engine(url)
+    upgrade_to_head(engine)
     return sessionmaker(engine, expire_on_commit=False)
 
 
 def aware(value: dt.datetime | None) -> dt.datetime | None:
-    """SQLite drops tz info; everything stored is UTC."""
+    """SQLite drops tz info (Postgres keeps it); everything stored is UTC."""
     if value is None or value.tzinfo is not None:
         return value
     return value.replace(tzinfo=dt.timezone.utc)

@@ -179,7 +179,8 @@ class Registry:
             q = q.where(RunRow.base_model == base_model)
         if search:
             pattern = "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-            q = q.where(RunRow.id.like(pattern, escape="\\") | RunRow.base_model.like(pattern, escape="\\"))
+            # ilike: case-insensitive on Postgres too, as LIKE always was on SQLite
+            q = q.where(RunRow.id.ilike(pattern, escape="\\") | RunRow.base_model.ilike(pattern, escape="\\"))
         with self.db() as s:
             total = s.scalar(select(func.count()).select_from(q.subquery())) or 0
             runs = list(s.scalars(q.order_by(RunRow.created_at.desc(), RunRow.id.desc()).offset(offset).limit(limit)))
