@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tinkerd.config import default_data_dir
+from tinkerd.config import database_url_from_env, default_data_dir
 from tinkerd.model_store import DEFAULT_MODEL
 
 ANY_KEY_ON_NETWORK_FLAG = "--allow-any-key-on-network"
@@ -23,18 +23,18 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to any interface
 
 
-def _keys(data_dir: Path):
-    from tinkerd.core.db import open_database
+def _keys(data_dir: Path, database_url: str | None):
+    from tinkerd.core.db import default_database_url, open_database
     from tinkerd.core.keys import ApiKeys
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    return ApiKeys(open_database(data_dir / "tinkerd.sqlite"))
+    return ApiKeys(open_database(database_url or default_database_url(data_dir)))
 
 
 def _any_key_refusal(args: argparse.Namespace, data_dir: Path) -> str | None:
     """Why the server must not start: with no keys, any `tml-` key gets in, which is only
     safe while nobody but this machine can connect."""
-    if args.api_key or is_loopback(args.host) or _keys(data_dir).any_created():
+    if args.api_key or is_loopback(args.host) or _keys(data_dir, args.database_url).any_created():
         return None
     if args.allow_any_key_on_network:
         print(f"tinkerd serve: WARNING: {ANY_KEY_ON_NETWORK_FLAG}: anyone who can reach {args.host}:{args.port} "
@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tinkerd.api.app import create_app
+    from tinkerd.core.db import shown
     from tinkerd.core.service import Service
     from tinkerd.engine.client import InProcessEngine
     from tinkerd.model_store import ModelNotFoundError, record_served, resolve_model, seed_hf_cache
@@ -74,10 +75,11 @@ def _serve(args: argparse.Namespace) -> int:
         kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
         engines[source.name] = InProcessEngine(source.name, source.path, device=args.device, kv_cache_bytes=kv_bytes)
         record_served(source, data_dir)  # so offline commands given only the name find this directory
-    service = Service(data_dir, engines, session_timeout=args.session_timeout)
+    service = Service(data_dir, engines, session_timeout=args.session_timeout, database_url=args.database_url)
     keys = set(args.api_key) if args.api_key else None
     app = create_app(service, hold_seconds=args.long_poll_seconds, api_keys=keys)
-    print(f"tinkerd serving {', '.join(engines)} on http://{args.host}:{args.port} (data: {data_dir})", flush=True)
+    metadata = f", metadata: {shown(args.database_url)}" if args.database_url else ""
+    print(f"tinkerd serving {', '.join(engines)} on http://{args.host}:{args.port} (data: {data_dir}{metadata})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=75)
     return 0
 
@@ -100,7 +102,7 @@ def _export_merged(args: argparse.Namespace) -> int:
 
     try:
         out = export_merged(args.checkpoint, Path(args.out_dir).expanduser(), Path(args.data_dir).expanduser(),
-                            model=args.model, dtype=args.dtype, force=args.force)
+                            model=args.model, dtype=args.dtype, force=args.force, database_url=args.database_url)
     except AdapterError as exc:
         print(f"tinkerd export merged: {exc}", file=sys.stderr)
         return 1
@@ -113,7 +115,7 @@ def _import_adapter(args: argparse.Namespace) -> int:
 
     try:
         path = import_adapter(Path(args.peft_dir), Path(args.data_dir).expanduser(), model=args.model, name=args.name,
-                              owner=args.owner)
+                              owner=args.owner, database_url=args.database_url)
     except AdapterError as exc:
         print(f"tinkerd import-adapter: {exc}", file=sys.stderr)
         return 1
@@ -125,7 +127,7 @@ def _keys_create(args: argparse.Namespace) -> int:
     from tinkerd.types import UserError
 
     try:
-        key = _keys(Path(args.data_dir).expanduser()).create(args.name, admin=args.admin)
+        key = _keys(Path(args.data_dir).expanduser(), args.database_url).create(args.name, admin=args.admin)
     except UserError as exc:
         print(f"tinkerd keys create: {exc}", file=sys.stderr)
         return 1
@@ -135,7 +137,7 @@ def _keys_create(args: argparse.Namespace) -> int:
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    rows = _keys(Path(args.data_dir).expanduser()).list()
+    rows = _keys(Path(args.data_dir).expanduser(), args.database_url).list()
     when = lambda t: t.strftime("%Y-%m-%d %H:%M:%S") if t is not None else "-"  # noqa: E731
     table = [("NAME", "ADMIN", "CREATED", "LAST USED", "REVOKED")] + [
         (r.name, "yes" if r.admin else "no", when(r.created_at), when(r.last_used_at), when(r.revoked_at)) for r in rows
@@ -151,12 +153,19 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     from tinkerd.types import UserError
 
     try:
-        _keys(Path(args.data_dir).expanduser()).revoke(args.name)
+        _keys(Path(args.data_dir).expanduser(), args.database_url).revoke(args.name)
     except UserError as exc:
         print(f"tinkerd keys revoke: {exc}", file=sys.stderr)
         return 1
     print(f"revoked the key of {args.name!r}; a running server refuses it within {CACHE_SECONDS:g} s")
     return 0
+
+
+def add_database_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", default=database_url_from_env(), metavar="URL",
+                        help="where the metadata (runs, checkpoints, keys) lives, as a SQLAlchemy URL, e.g. "
+                             "postgresql://USER:PASSWORD@HOST/DB (needs tinkerd[postgres]); the same for the server and "
+                             "every offline command (default: $TINKERD_DATABASE_URL, else tinkerd.sqlite in --data-dir)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--data-dir", default=str(default_data_dir()),
                        help="state directory: models, checkpoints, metadata (default: $TINKERD_DATA_DIR or ~/.local/share/tinkerd)")
+    add_database_url(serve)
     serve.add_argument("--model", action="append", metavar="MODEL",
                        help="base model to serve: a local HF directory, a hub id, or NAME=DIR to serve the local "
                             "directory DIR under the public name NAME (e.g. Qwen/Qwen3-8B=/data/qwen3-8b), which "
@@ -202,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     merged.add_argument("checkpoint", help="a tinker:// path (looked up in --data-dir) or a PEFT adapter directory")
     merged.add_argument("out_dir", help="directory to write the merged model to")
     merged.add_argument("--data-dir", default=str(default_data_dir()), help="the server's state directory")
+    add_database_url(merged)
     merged.add_argument("--model", default=None,
                         help="base model (HF directory or name); default: the checkpoint's own base model")
     merged.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -212,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import-adapter", help="bring a PEFT LoRA adapter in as a checkpoint (prints its tinker:// path)")
     imp_adapter.add_argument("peft_dir", help="directory with adapter_config.json + adapter_model.safetensors")
     imp_adapter.add_argument("--data-dir", default=str(default_data_dir()), help="the server's state directory")
+    add_database_url(imp_adapter)
     imp_adapter.add_argument("--model", default=None,
                              help="the served base model it is for (as given to `serve --model`); "
                                   "default: the adapter's base_model_name_or_path")
@@ -234,13 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=_keys_revoke)
     for command in (create, listing, revoke):
         command.add_argument("--data-dir", default=str(default_data_dir()), help="the server's state directory")
+        add_database_url(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from tinkerd.core.db import DatabaseError
+
+    try:
+        return args.func(args)
+    except DatabaseError as exc:  # a wrong --database-url, an unreachable server, ...: one line, not a traceback
+        print(f"tinkerd {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

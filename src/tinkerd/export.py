@@ -7,8 +7,8 @@
   training checkpoint (`tinker://import-…:train:0/weights/<name>`) that can be sampled
   by path and trained further with `create_training_client_from_state`.
 
-Both read and write the same SQLite database and checkpoint tree as `tinkerd serve`, so
-they work while the server runs.
+Both read and write the same database (the data dir's SQLite file, or `--database-url`) and
+checkpoint tree as `tinkerd serve`, so they work while the server runs.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 from tinkerd.atomic_dir import replaced_atomically
 from tinkerd.core.access import LOCAL, SYSTEM
-from tinkerd.core.db import CheckpointRow, RunRow, SessionRow, open_database
+from tinkerd.core.db import DATABASE_FILE, CheckpointRow, RunRow, SessionRow, open_database
 from tinkerd.core.paths import TinkerPath, check_checkpoint_name
 from tinkerd.core.registry import Registry
 from tinkerd.engine.model import ATTN_MODULES, MLP_MODULES, LoraWeights, ModelConfig, init_lora, lora_module_paths
@@ -48,17 +48,21 @@ class Checkpoint:
     label: str  # what to call it in messages
 
 
-def _database(data_dir: Path):
-    db_file = data_dir / "tinkerd.sqlite"
+def _database(data_dir: Path, database_url: str | None):
+    """The server's database: `database_url`, or else the SQLite file in `data_dir`."""
+    if database_url is not None:
+        return open_database(database_url)
+    db_file = data_dir / DATABASE_FILE
     if not db_file.exists():
-        raise AdapterError(f"{data_dir} is not a tinkerd data dir (no tinkerd.sqlite); pass --data-dir")
+        raise AdapterError(f"{data_dir} is not a tinkerd data dir (no {DATABASE_FILE}); pass --data-dir (and --database-url "
+                           "if the server keeps its metadata elsewhere)")
     return open_database(db_file)
 
 
-def find_checkpoint(checkpoint: str, data_dir: Path) -> Checkpoint:
-    """A tinker:// path looked up in `data_dir`, or a local PEFT directory."""
+def find_checkpoint(checkpoint: str, data_dir: Path, database_url: str | None = None) -> Checkpoint:
+    """A tinker:// path looked up in `data_dir` (its metadata in `database_url`, if given), or a local PEFT directory."""
     if checkpoint.startswith("tinker://"):
-        registry = Registry(_database(data_dir), data_dir)
+        registry = Registry(_database(data_dir, database_url), data_dir)
         try:
             path = TinkerPath.parse(checkpoint)
             row = registry.checkpoint(path, SYSTEM)  # offline: whoever can read the data dir can read every checkpoint
@@ -87,7 +91,8 @@ def _base_model(model: str | None, fallback: str | None, data_dir: Path) -> Mode
 
 
 def export_merged(
-    checkpoint: str, out_dir: Path, data_dir: Path, model: str | None = None, dtype: str = "float32", force: bool = False
+    checkpoint: str, out_dir: Path, data_dir: Path, model: str | None = None, dtype: str = "float32", force: bool = False,
+    database_url: str | None = None,
 ) -> Path:
     """Write base model + adapter (W += alpha/r · B·A) as a Hugging Face model directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: import lazily
@@ -96,7 +101,7 @@ def export_merged(
         raise AdapterError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise AdapterError(f"{out_dir} exists and is not empty (pass --force to replace it)")
-    ckpt = find_checkpoint(checkpoint, data_dir)
+    ckpt = find_checkpoint(checkpoint, data_dir, database_url)
     base = _base_model(model, ckpt.base_model, data_dir)
     try:
         _, lora = read_checkpoint_dir(ckpt.directory, torch.device("cpu"))
@@ -163,7 +168,7 @@ def _projection_weight(model: torch.nn.Module, path: str, base_name: str) -> tor
 
 
 def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, name: str | None = None,
-                   owner: str = LOCAL) -> str:
+                   owner: str = LOCAL, database_url: str | None = None) -> str:
     """Copy a PEFT LoRA into the data dir as a training checkpoint of user `owner`; returns its tinker:// path."""
     peft_dir = peft_dir.expanduser()
     if not (peft_dir / "adapter_config.json").is_file():
@@ -173,7 +178,7 @@ def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, nam
     except UserError as exc:
         raise AdapterError(str(exc)) from None
     a, b = lora.a, lora.b
-    db = _database(data_dir)
+    db = _database(data_dir, database_url)
     base = _base_model(model, config.get("base_model_name_or_path"), data_dir)
     cfg = ModelConfig.from_hf(json.loads((base.path / "config.json").read_text()))
     known = set(lora_module_paths(cfg, True, True, True))

@@ -18,14 +18,16 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from tinkerd.core.db import DatabaseError, shown
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
@@ -34,11 +36,14 @@ LEGACY_MARKER_TABLE = "training_runs"  # in every tinkerd database since the fir
 _POSTGRES_LOCK_KEY = 0x74696E6B64  # "tinkd": the advisory lock migrations hold on Postgres
 
 log = logging.getLogger(__name__)
-logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # its start-up chatter on every command
+# Alembic is imported inside the functions, after this: its import logs a line per plugin at INFO.
+logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
     """The configuration `alembic.ini` would hold, built in code (no file at run time)."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -47,6 +52,8 @@ def alembic_config(connection: Connection | None = None) -> Config:
 
 @functools.lru_cache(maxsize=1)
 def _scripts() -> ScriptDirectory:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config())
 
 
@@ -103,9 +110,15 @@ def upgrade_to_head(engine: Engine) -> None:
             if current is not None and current not in known_revisions():
                 raise DatabaseError(f"the database {shown(engine.url)} is at schema revision {current!r}, which this "
                                     f"tinkerd does not know (its newest is {head!r}): it was written by a newer tinkerd")
-            if current is None and LEGACY_MARKER_TABLE in inspect(conn).get_table_names():
-                log.info("database %s was made before schema migrations: adopting it at revision %s", shown(engine.url), BASELINE)
-            log.info("upgrading database %s from revision %s to %s", shown(engine.url), current or "(none)", head)
+            if current is not None:
+                log.info("upgrading database %s from schema revision %s to %s", shown(engine.url), current, head)
+            elif LEGACY_MARKER_TABLE in inspect(conn).get_table_names():
+                log.info("database %s was made before schema migrations: adopting it at revision %s, then upgrading to %s",
+                         shown(engine.url), BASELINE, head)
+            else:
+                log.info("creating the schema (revision %s) in database %s", head, shown(engine.url))
+            from alembic import command
+
             command.upgrade(alembic_config(conn), "head")
     except SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]

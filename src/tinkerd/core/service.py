@@ -31,7 +31,17 @@ from sqlalchemy import select
 
 from tinkerd.core import sampling
 from tinkerd.core.access import SYSTEM, User
-from tinkerd.core.db import CheckpointRow, MetricRow, RunRow, SamplerRow, SessionRow, aware, open_database, utcnow
+from tinkerd.core.db import (
+    CheckpointRow,
+    MetricRow,
+    RunRow,
+    SamplerRow,
+    SessionRow,
+    aware,
+    default_database_url,
+    open_database,
+    utcnow,
+)
 from tinkerd.core.futures import Failure, FutureEntry, FutureStore
 from tinkerd.core.paths import TinkerPath, check_checkpoint_name
 from tinkerd.core.provenance import SequenceRecord, StabilityStore, check_tiling, stability_for_datum
@@ -101,12 +111,14 @@ def _done(value: Any = None) -> Future:
 
 
 class Service:
-    def __init__(self, data_dir: Path, engines: dict[str, EngineClient], session_timeout: float = 120.0):
+    def __init__(self, data_dir: Path, engines: dict[str, EngineClient], session_timeout: float = 120.0,
+                 database_url: str | None = None):
+        """`database_url`: where metadata lives (None: the SQLite file in `data_dir`)."""
         self.data_dir = data_dir
         self.engines = engines
         self.session_timeout = session_timeout
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.db = open_database(data_dir / "tinkerd.sqlite")
+        self.db = open_database(database_url or default_database_url(data_dir))
         self.registry = Registry(self.db, data_dir)
         self.sampling = Sampling(engines, self.adapter_for_path)
         self.futures = FutureStore()
