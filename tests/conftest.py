@@ -1,16 +1,49 @@
-"""Shared test fixtures: the imported default model, and real tinkerd server processes.
+"""Shared test fixtures: the imported default model, real tinkerd server processes, and the
+databases metadata can live in.
 
 Integration tests start `tinkerd serve` as a subprocess on a free loopback port and drive
-it with the unmodified `tinker` / `openai` SDKs. Servers are stopped by their PID.
+it with the unmodified `tinker` / `openai` SDKs. Servers are stopped by their PID. Database
+tests run on SQLite and on a real PostgreSQL that the suite starts itself (tests/postgres.py).
 """
 
 from __future__ import annotations
 
+import atexit
 from pathlib import Path
 
 import pytest
 
+from postgres import PostgresServer, find_bin_dir
 from tinkerd_testing import CACHE, MODEL_NAME, Server
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server for the whole run (started on first use, ~2 s); skips the tests
+    that need it where PostgreSQL is not installed."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (no initdb and pg_ctl on PATH, in /usr/local/bin or "
+                    "/usr/lib/postgresql/*/bin): the Postgres variants of the database tests cannot run")
+    server = PostgresServer(bin_dir)
+    atexit.register(server.stop)  # also when the run ends without reaching the teardown
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path):
+    """An empty database, once as the data dir's SQLite file and once as a fresh database on
+    the suite's PostgreSQL server (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'tinkerd.sqlite'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    url = server.create_database()
+    yield url
+    server.drop_database(url)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""Registry pieces that need no server: signed URLs, file integrity checks, orphan sweep."""
+"""Registry pieces that need no server: signed URLs, file integrity checks, orphan sweep, and
+the queries behind the REST listings, on SQLite and on Postgres."""
 
 from __future__ import annotations
 
@@ -29,14 +30,15 @@ def write_checkpoint(directory: Path, with_optimizer: bool = False) -> None:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    db = open_database(tmp_path / "tinkerd.sqlite")
+def registry(database_url: str, tmp_path: Path):
+    db = open_database(database_url)
     directory = tmp_path / "checkpoints" / RUN / "external_weights" / "ext@1"
     write_checkpoint(directory)
     with db.begin() as s:
         s.add(RunRow(id=RUN, session_id="sess-x", base_model="m", lora_rank=2))
         s.add(CheckpointRow(run_id=RUN, kind="external_weights", name="ext", directory=str(directory)))
-    return Registry(db, tmp_path)
+    yield Registry(db, tmp_path)
+    db.kw["bind"].dispose()
 
 
 def token_of(url: str) -> str:
@@ -119,3 +121,37 @@ def test_ttl_bounds(registry: Registry):
     for bad in (0, -1, 11 * 365 * 24 * 3600, "60", True):
         with pytest.raises(UserError):
             registry.set_ttl(path, bad, LOCAL_USER)
+
+
+def test_listings_and_access_on_each_database(registry: Registry, tmp_path: Path):
+    """The queries behind the REST listings and the console give the same answers on SQLite
+    and Postgres: search, counts, who sees what, progress, aware timestamps."""
+    from tinkerd.core.access import User
+    from tinkerd.core.db import MetricRow
+    from tinkerd.core.registry import iso
+
+    alice, bob = User("alice"), User("bob")
+    with registry.db.begin() as s:
+        s.add(RunRow(id="sess-a:train:0", session_id="sess-a", base_model="Org/Model-A", lora_rank=4, owner="alice",
+                     user_metadata={"note": "ünïcode"}))
+        s.add(RunRow(id="sess-b:train:0", session_id="sess-b", base_model="Org/Model-B", lora_rank=4, owner="bob"))
+        s.add(CheckpointRow(run_id="sess-b:train:0", kind="weights", name="shared", directory=str(tmp_path / "b1"), public=True))
+        s.add(CheckpointRow(run_id="sess-b:train:0", kind="weights", name="private", directory=str(tmp_path / "b2")))
+        for seq_id, kind, key, value in [(1, "forward_backward", "loss:sum", 2.5), (2, "optim_step", "lr", 1e-4),
+                                         (3, "forward_backward", "loss:sum", 1.5), (4, "optim_step", "lr", 1e-4)]:
+            s.add(MetricRow(run_id="sess-a:train:0", seq_id=seq_id, kind=kind, key=key, value=value))
+
+    runs, total = registry.list_runs(alice, limit=10, offset=0, search="MODEL-a")  # case-insensitive everywhere
+    assert total == 1 and [r.run.id for r in runs] == ["sess-a:train:0"] and runs[0].run.user_metadata == {"note": "ünïcode"}
+    assert registry.list_runs(alice, limit=10, offset=0, search="50%")[1] == 0  # % is a character, not a wildcard
+    # bob's run is visible to alice only through its published checkpoint
+    runs, total = registry.list_runs(alice, limit=10, offset=0, access_scope="accessible")
+    assert total == 2
+    b = next(r for r in runs if r.run.owner == "bob")
+    assert b.last_checkpoint is not None and b.last_checkpoint.name == "shared"
+    assert [c.name for c in registry.list_checkpoints(alice, run_id="sess-b:train:0")[0]] == ["shared"]
+    assert sorted(c.name for c in registry.list_checkpoints(bob)[0]) == ["private", "shared"]
+    assert registry.run_progress(["sess-a:train:0", "sess-b:train:0"]) == {"sess-a:train:0": (2, 1.5), "sess-b:train:0": (0, None)}
+    assert [m.seq_id for m in registry.metric_history("sess-a:train:0", alice, after_id=0)] == [1, 2, 3, 4]
+    stamp = iso(registry.run_row("sess-a:train:0", alice).created_at)
+    assert stamp.endswith("+00:00") and abs(dt.datetime.fromisoformat(stamp) - utcnow()) < dt.timedelta(minutes=5)
