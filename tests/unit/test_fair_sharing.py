@@ -1,13 +1,19 @@
 """Tenants share the engine: a lone request beside another tenant's flood decodes in small
-steps and finishes long before the flood, with the same tokens either way."""
+steps and finishes long before the flood, with the same tokens either way; training runs
+take turns in the job queue, and a large training batch lets samples decode between its
+passes."""
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
 
 import tinkerd.engine.sampler as sampler_module
 from tinkerd.engine.client import InProcessEngine
-from tinkerd.types import SampleRequest, SamplingParams
+from tinkerd.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec, SampleRequest, SamplingParams
 
 PROMPT = [1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 1024, 2, 88, 913]
 
@@ -62,3 +68,76 @@ def test_tenants_take_turns_in_admission():
     items = [type("Item", (), {"request": greedy(t, 4)})() for t in ["a", "a", "a", "b", "a", "c"]]
     order = [item.request.tenant for item in sampler_module._tenants_in_turn(items)]
     assert order == ["a", "b", "c", "a", "a", "a"]
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    eng = InProcessEngine("fair-train", model_dir, device="cpu")
+    yield eng
+    eng.shutdown()
+
+
+def datums(n: int) -> list[Datum]:
+    rows = [np.roll(np.array(PROMPT, dtype=np.int64), i) for i in range(n)]
+    return [Datum(tokens=r[:-1], inputs={"target_tokens": r[1:], "weights": np.ones(len(r) - 1, np.float32)}) for r in rows]
+
+
+def completion_order(futures: dict[str, Future]) -> list[str]:
+    """The names of the futures in the order they finished (each must succeed)."""
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def done(name: str, future: Future) -> None:
+        with lock:
+            order.append(name)
+
+    for name, future in futures.items():
+        future.add_done_callback(lambda f, name=name: done(name, f))
+    for future in futures.values():
+        future.result(timeout=600)
+    return order
+
+
+def test_training_runs_take_turns_so_a_lone_step_does_not_wait_behind_a_long_queue(engine):
+    for adapter in ("busy", "lone"):
+        engine.create_adapter(adapter, LoraSpec(rank=4, seed=1)).result()
+    engine.forward_backward(ForwardBackwardCall("lone", datums(1), "cross_entropy", {}, False)).result()
+    gate = threading.Event()
+    held = engine.run_on_engine_thread(gate.wait, 60)  # queue everything before the engine looks
+    futures = {f"busy-{i}": engine.forward_backward(ForwardBackwardCall("busy", datums(2), "cross_entropy", {}, False))
+               for i in range(6)}
+    futures["lone"] = engine.optim_step("lone", AdamParams(learning_rate=1e-4))
+    gate.set()
+    held.result(timeout=60)
+    order = completion_order(futures)
+    # Queued after all six of busy's calls, the lone run's step runs after the first of them.
+    assert order.index("lone") <= 1, order
+    assert [name for name in order if name != "lone"] == [f"busy-{i}" for i in range(6)]  # each run keeps its order
+
+
+def test_samples_decode_between_the_passes_of_a_large_training_batch(engine):
+    engine.create_adapter("large", LoraSpec(rank=4, seed=2)).result()
+    trainer = engine.trainer
+    budget, passes = trainer.train_pass_tokens, trainer.stats["forward_backward_passes"]
+    alone = engine.sample(greedy("lone", 4)).result(timeout=300).sequences[0].tokens
+    started = threading.Event()
+    run_pass = trainer._pass
+
+    def recorded_pass(*args):  # noqa: ANN002 - the batch is training: send the sample now
+        run_pass(*args)
+        started.set()
+
+    trainer._pass = recorded_pass
+    try:
+        trainer.train_pass_tokens = 24  # two datums of 12 tokens a pass: 20 passes
+        training = engine.forward_backward(ForwardBackwardCall("large", datums(40), "cross_entropy", {}, False))
+        assert started.wait(300)
+        sample = engine.sample(greedy("lone", 4))
+        order = completion_order({"training": training, "sample": sample})
+    finally:
+        trainer.train_pass_tokens = budget
+        trainer._pass = run_pass
+    assert trainer.stats["forward_backward_passes"] - passes == 20
+    assert order == ["sample", "training"]
+    assert sample.result().sequences[0].tokens == alone
+    assert len(training.result().outputs) == 40

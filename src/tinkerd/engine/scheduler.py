@@ -6,14 +6,17 @@ keeps a thread team per thread that has run a parallel region; once two teams ex
 small parallel operation of a decode step paid a wake-up (5-8x slower).
 
 Its loop interleaves two kinds of work (docs/engine.md):
-  * queued jobs run one at a time, in submission order — the core submits each model's
-    requests in `seq_id` order. Jobs tagged with an adapter let other adapters'
-    forward/backward calls be batched past them; untagged jobs are barriers. A
-    forward/backward call takes the queued calls of other adapters (of the same kind,
-    none of whose adapter's requests are queued before it) into one shared pass;
+  * queued jobs run one at a time. Each adapter's jobs run in submission order (the core
+    submits each model's requests in `seq_id` order); adapters with queued jobs take turns,
+    the one served longest ago first, so one run's long queue does not keep another run's
+    request behind all of it. Untagged jobs are barriers: nothing passes them, and they
+    pass nothing. A forward/backward call takes the queued calls of other adapters (of the
+    same kind, none of whose adapter's requests are queued before it) into one shared pass;
   * sampling is continuous batching: new requests are prefilled and join the running
     batch, every active row advances one token per decode step, finished ones leave.
-A training job runs between two decode steps, so sampling continues while models train.
+A forward/backward runs one pass (at most the trainer's `train_pass_tokens`) at a time;
+while sample rows are decoding, the passes and the decode steps share the engine's time
+about equally, so neither a large training batch nor a sampling flood stalls the other.
 
 This module decides; the trainer and the sampler do the math.
 """
@@ -24,7 +27,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +36,7 @@ import torch
 
 from tinkerd.engine.sampler import PendingSample, Sampler
 from tinkerd.engine.trainer import Trainer
-from tinkerd.types import ForwardBackwardCall, UserError
+from tinkerd.types import ForwardBackwardCall, TrainResult, UserError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,16 @@ class _Job:
     call: ForwardBackwardCall | None = None
 
 
+@dataclass
+class _Training:
+    """A forward/backward in progress: its jobs and the passes still to run."""
+
+    jobs: list[_Job]
+    passes: Generator[None, None, list[TrainResult]]
+    started: float
+    train_tokens: int
+
+
 class Scheduler:
     """Owns the engine thread. `build` runs first on it and returns the trainer and sampler."""
 
@@ -62,6 +75,12 @@ class Scheduler:
         self._cv = threading.Condition()
         self._jobs: deque[_Job] = deque()
         self._new_samples: deque[PendingSample] = deque()
+        self._served: dict[str, int] = {}  # adapter -> when its last job was taken (a tick)
+        self._ticks = 0
+        self._training: _Training | None = None
+        # Seconds of decoding owed to sample rows for the training passes run while they
+        # waited: a pass runs only when nothing is owed (or no row is decoding).
+        self._decode_owed = 0.0
         self.admit_quiet_s, self.admit_max_s = ADMIT_QUIET_S, ADMIT_MAX_S
         self.trainer: Trainer
         self.sampler: Sampler
@@ -123,17 +142,20 @@ class Scheduler:
         sampler = self.sampler
         while True:
             with self._cv:
-                while not (self._stopped or self._jobs or self._new_samples or sampler.rows):
+                while not (self._stopped or self._jobs or self._new_samples or sampler.rows or self._training):
                     self._cv.wait()
                 if self._stopped:
                     return
-                job = self._jobs.popleft() if self._jobs else None
-                if job is None and not sampler.rows and self._new_samples:
+                job = self._next_job() if self._training is None else None
+                if job is None and self._training is None and not sampler.rows and self._new_samples:
                     self._await_arrivals()
                 new_samples = list(self._new_samples)
                 self._new_samples.clear()
-            if job is not None and job.call is not None:
-                self._run_forward_backward([job, *self._take_batchable(job)])
+            if self._training is not None:
+                if not sampler.rows or self._decode_owed <= 0:
+                    self._training_pass()
+            elif job is not None and job.call is not None:
+                self._start_forward_backward([job, *self._take_batchable(job)])
             elif job is not None and job.future.set_running_or_notify_cancel():
                 try:
                     job.future.set_result(job.fn())
@@ -154,6 +176,7 @@ class Scheduler:
                         if not item.future.done():
                             item.future.set_exception(exc)
             if sampler.rows:
+                started = time.perf_counter()
                 try:
                     with torch.inference_mode(), sampler.meter.timed("decode_step"):
                         sampler.decode_step()
@@ -161,6 +184,31 @@ class Scheduler:
                 except BaseException as exc:  # noqa: BLE001 - fail every active request, keep serving
                     log.exception("decode step failed")
                     sampler.fail_all(exc)
+                self._decode_owed -= time.perf_counter() - started
+            if self._training is None or not sampler.rows:
+                self._decode_owed = 0.0
+
+    def _next_job(self) -> _Job | None:
+        """(With `_cv` held.) The next job to run: a barrier at the head of the queue, else
+        the first queued job of the adapter served longest ago, among the jobs before the
+        first barrier."""
+        if not self._jobs:
+            return None
+        head = self._jobs[0]
+        if head.adapter_id is None:
+            return self._jobs.popleft()
+        firsts: dict[str, _Job] = {}
+        for job in self._jobs:
+            if job.adapter_id is None:
+                break
+            firsts.setdefault(job.adapter_id, job)
+        chosen = min(firsts.values(), key=lambda job: self._served.get(job.adapter_id, -1))
+        self._jobs.remove(chosen)
+        self._ticks += 1
+        self._served[chosen.adapter_id] = self._ticks
+        if len(self._served) > 4 * len(firsts) + 1024:  # forget adapters long gone
+            self._served = {a: t for a, t in self._served.items() if a in firsts}
+        return chosen
 
     def _await_arrivals(self) -> None:
         """Hold (with `_cv` held by the caller) until sample arrivals pause; see ADMIT_QUIET_S."""
@@ -195,8 +243,9 @@ class Scheduler:
                 self._jobs.remove(job)
         return taken
 
-    def _run_forward_backward(self, jobs: list[_Job]) -> None:
-        """Each call is checked alone (a bad one fails alone); the rest share passes."""
+    def _start_forward_backward(self, jobs: list[_Job]) -> None:
+        """Each call is checked alone (a bad one fails alone); the rest share passes, run
+        one at a time by `_training_pass`."""
         ready = []
         for job in jobs:
             if not job.future.set_running_or_notify_cancel():
@@ -209,15 +258,30 @@ class Scheduler:
                 job.future.set_exception(exc)
         if not ready:
             return
-        meter = self.sampler.meter
+        passes = self.trainer.forward_backward_passes([prepared for _, prepared in ready], ready[0][0].call.forward_only)
+        tokens = sum(len(datum.tokens) for job, _ in ready for datum in job.call.datums)
+        self._training = _Training([job for job, _ in ready], passes, time.perf_counter(), tokens)
+        self._training_pass()
+
+    def _training_pass(self) -> None:
+        """Run the next pass of the forward/backward in progress; deliver its results after the last."""
+        training = self._training
+        assert training is not None
+        started = time.perf_counter()
         try:
-            with meter.timed("forward_backward"):
-                results = self.trainer.forward_backward([prepared for _, prepared in ready], ready[0][0].call.forward_only)
-            meter.count("train_tokens", sum(len(datum.tokens) for job, _ in ready for datum in job.call.datums))
+            next(training.passes)
+        except StopIteration as done:
+            self._training = None
+            meter = self.sampler.meter
+            meter.observe("forward_backward", time.perf_counter() - training.started)
+            meter.count("train_tokens", training.train_tokens)
+            for job, result in zip(training.jobs, done.value, strict=True):
+                job.future.set_result(result)
         except BaseException as exc:  # noqa: BLE001
+            self._training = None
             log.exception("forward_backward failed")
-            for job, _ in ready:
+            for job in training.jobs:
                 job.future.set_exception(exc)
-            return
-        for (job, _), result in zip(ready, results, strict=True):
-            job.future.set_result(result)
+        finally:
+            if self.sampler.rows:
+                self._decode_owed += time.perf_counter() - started

@@ -9,7 +9,7 @@ from its own datums. docs/engine.md says how passes are cut.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,12 +210,25 @@ class Trainer:
     def forward_backward(self, calls: list[PreparedCall], forward_only: bool) -> list[TrainResult]:
         """Prepared calls, possibly of different adapters, in shared passes of at most
         `train_pass_tokens` padded tokens (a longer datum has a pass of its own)."""
+        passes = self.forward_backward_passes(calls, forward_only)
+        while True:
+            try:
+                next(passes)
+            except StopIteration as done:
+                return done.value
+
+    def forward_backward_passes(self, calls: list[PreparedCall], forward_only: bool) -> Generator[None, None, list[TrainResult]]:
+        """`forward_backward`, one pass per step: it yields after each pass (so the scheduler
+        can run decode steps between the passes of a large batch) and returns the results."""
         self.stats["forward_backward_calls"] += len(calls)
         flat = [(c, d) for c, call in enumerate(calls) for d in call.datums]
         outputs: list[list[dict[str, np.ndarray]]] = [[] for _ in calls]
         metrics: list[list[dict[str, float]]] = [[] for _ in calls]
-        for group in token_budget_groups(flat, self.train_pass_tokens, key=lambda item: len(item[1].tokens)):
+        groups = token_budget_groups(flat, self.train_pass_tokens, key=lambda item: len(item[1].tokens))
+        for i, group in enumerate(groups):
             self._pass(calls, group, forward_only, outputs, metrics)
+            if i + 1 < len(groups):
+                yield
         return [TrainResult(outputs=o, metrics=losses.reduce_metrics(m)) for o, m in zip(outputs, metrics, strict=True)]
 
     def _pass(
