@@ -155,3 +155,14 @@ def test_listings_and_access_on_each_database(registry: Registry, tmp_path: Path
     assert [m.seq_id for m in registry.metric_history("sess-a:train:0", alice, after_id=0)] == [1, 2, 3, 4]
     stamp = iso(registry.run_row("sess-a:train:0", alice).created_at)
     assert stamp.endswith("+00:00") and abs(dt.datetime.fromisoformat(stamp) - utcnow()) < dt.timedelta(minutes=5)
+
+
+def test_a_nul_character_is_the_clients_mistake_on_every_database(registry: Registry):
+    """Postgres text cannot hold NUL: a name or search with one is a 4xx there too, never a 500."""
+    with pytest.raises(UserError):
+        registry.run_row("sess-x\x00:train:0", LOCAL_USER)  # NotFound on SQLite, refused as bad input on Postgres
+    if registry.db.kw["bind"].dialect.name == "postgresql":
+        with pytest.raises(UserError, match="NUL"):
+            registry.list_runs(LOCAL_USER, limit=10, offset=0, search="a\x00b")
+    else:
+        assert registry.list_runs(LOCAL_USER, limit=10, offset=0, search="a\x00b")[1] == 0

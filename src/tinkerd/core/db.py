@@ -28,6 +28,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from tinkerd.types import UserError
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
@@ -169,8 +171,17 @@ def create_database_engine(url: str | Path | URL) -> Engine:
             # thread pool): enough connections that they rarely wait for one, checked before use
             # so a restarted Postgres costs one retry, not an error. Sessions speak UTC, so
             # timestamps read back as UTC whatever the server's TimeZone.
-            return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=3600,
-                                 connect_args={"options": "-c timezone=UTC", "connect_timeout": 10})
+            engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True, pool_recycle=3600,
+                                   connect_args={"options": "-c timezone=UTC", "connect_timeout": 10})
+
+            @event.listens_for(engine, "handle_error")
+            def _nul_is_bad_input(context):
+                # Postgres text cannot hold NUL; SQLite can. A request naming a run, session or
+                # search string with one is the client's mistake (400), as it finds nothing on SQLite.
+                if "cannot contain NUL" in str(context.original_exception):
+                    raise UserError("text values may not contain NUL (\\x00) characters") from None
+
+            return engine
         return create_engine(url)
     except ModuleNotFoundError as exc:
         extra = " (pip install 'tinkerd[postgres]')" if backend == "postgresql" else ""
