@@ -51,7 +51,6 @@ def _serve(args: argparse.Namespace) -> int:
     from tinkerd.api.app import create_app
     from tinkerd.core.db import shown
     from tinkerd.core.service import Service
-    from tinkerd.engine.client import InProcessEngine
     from tinkerd.model_store import ModelNotFoundError, record_served, resolve_model, seed_hf_cache
 
     data_dir = Path(args.data_dir).expanduser()
@@ -59,21 +58,25 @@ def _serve(args: argparse.Namespace) -> int:
     if (refusal := _any_key_refusal(args, data_dir)) is not None:
         print(refusal, file=sys.stderr)
         return 2
-    engines = {}
+    sources = {}
     for name in args.model or [DEFAULT_MODEL]:
         try:
             source = resolve_model(name, data_dir)
         except ModelNotFoundError as exc:
             print(f"tinkerd serve: {exc}", file=sys.stderr)
             return 1
-        if source.name in engines:
+        if source.name in sources:
             print(f"tinkerd serve: two --model arguments are both named {source.name!r}", file=sys.stderr)
             return 1
         if args.seed_hf_cache:
             seed_hf_cache(source)
-        logging.info("loading %s from %s", source.name, source.path)
-        kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
-        engines[source.name] = InProcessEngine(source.name, source.path, device=args.device, kv_cache_bytes=kv_bytes)
+        sources[source.name] = source
+    try:
+        engines = _start_engines(args, sources)
+    except ValueError as exc:  # a cluster that cannot be reached or cannot hold the engines, a wrong replica option
+        print(f"tinkerd serve: {exc}", file=sys.stderr)
+        return 1
+    for source in sources.values():
         record_served(source, data_dir)  # so offline commands given only the name find this directory
     service = Service(data_dir, engines, session_timeout=args.session_timeout, database_url=args.database_url)
     keys = set(args.api_key) if args.api_key else None
@@ -81,7 +84,57 @@ def _serve(args: argparse.Namespace) -> int:
     metadata = f", metadata: {shown(args.database_url)}" if args.database_url else ""
     print(f"tinkerd serving {', '.join(engines)} on http://{args.host}:{args.port} (data: {data_dir}{metadata})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=75)
+    if args.ray is not None:
+        import ray
+
+        ray.shutdown()  # the engines' actors end with the process that started them
     return 0
+
+
+def _start_engines(args: argparse.Namespace, sources: dict) -> dict:
+    """The engine of each served model: in this process, or as Ray actors with --ray."""
+    kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
+    if args.ray is None:
+        from tinkerd.engine.client import InProcessEngine
+
+        if args.replicas or args.gpus_per_replica or args.cpus_per_replica:
+            raise ValueError("--replicas, --gpus-per-replica and --cpus-per-replica place engines on a Ray cluster: give --ray too")
+        engines = {}
+        for source in sources.values():
+            logging.info("loading %s from %s", source.name, source.path)
+            engines[source.name] = InProcessEngine(source.name, source.path, device=args.device, kv_cache_bytes=kv_bytes)
+        return engines
+    from tinkerd.engine.ray_engine import RayClusterError, ReplicaPlan, connect, start_ray_engines
+
+    per_model = {option: _per_model(args, option, sources) for option in ("replicas", "gpus_per_replica", "cpus_per_replica")}
+    plans = {name: ReplicaPlan(replicas=int(per_model["replicas"].get(name, 1)), gpus=per_model["gpus_per_replica"].get(name),
+                               cpus=per_model["cpus_per_replica"].get(name))
+             for name in sources}
+    try:
+        connect(args.ray)
+        return start_ray_engines([(s.name, s.path) for s in sources.values()], plans, args.device, kv_bytes)
+    except RayClusterError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _per_model(args: argparse.Namespace, option: str, sources: dict) -> dict[str, float]:
+    """A per-replica option's value for each served model: `N` for all of them, `NAME=N` for one."""
+    flag = "--" + option.replace("_", "-")
+    values: dict[str, float] = {}
+    for given in getattr(args, option) or []:
+        name, _, number = given.rpartition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            raise ValueError(f"{flag} {given!r}: expected N or NAME=N") from None
+        minimum = 1 if option == "replicas" else 0
+        if not value < float("inf") or value < minimum or (option == "replicas" and value != int(value)):
+            raise ValueError(f"{flag} {given!r}: must be {'a whole number >= 1' if option == 'replicas' else '>= 0'}")
+        if name and name not in sources:
+            raise ValueError(f"{flag} {given!r}: {name!r} is not a served model ({', '.join(sources)})")
+        for served in [name] if name else sources:
+            values[served] = value
+    return values
 
 
 def _import_model(args: argparse.Namespace) -> int:
@@ -183,6 +236,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "directory DIR under the public name NAME (e.g. Qwen/Qwen3-8B=/data/qwen3-8b), which "
                             f"clients pass as base_model; repeatable (default: {DEFAULT_MODEL})")
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.add_argument("--ray", metavar="ADDRESS", default=None,
+                       help="run each model's engine as Ray actors on the cluster at ADDRESS (as ray.init takes it: HOST:PORT "
+                            "or auto); needs tinkerd[ray], a --data-dir every node mounts at the same path, and the cluster's "
+                            "token as Ray's own clients find it (docs/scaling.md). Default: the engines run in this process")
+    serve.add_argument("--replicas", action="append", metavar="[NAME=]N",
+                       help="with --ray: engines (actors) per model, all models or the one named; repeatable (default: 1)")
+    serve.add_argument("--gpus-per-replica", action="append", metavar="[NAME=]G",
+                       help="with --ray: GPUs each replica asks Ray for, at most 1 (a fraction shares a GPU); repeatable "
+                            "(default: 1 on a cluster with GPUs, else 0)")
+    serve.add_argument("--cpus-per-replica", action="append", metavar="[NAME=]C",
+                       help="with --ray: CPUs each replica asks Ray for, and its engine's threads; repeatable (default: 1 "
+                            "with a GPU, else the largest node's CPUs shared among all replicas)")
     serve.add_argument("--kv-cache-gb", type=float, default=None,
                        help="memory each model's sampler may use for its KV cache, in GiB; requests beyond it wait, and one "
                             "that could never fit is refused (default: half the free GPU memory, or a quarter of the RAM)")

@@ -47,6 +47,12 @@ class NotFound(UserError):
     status = 404
 
 
+class EngineFailed(RuntimeError):
+    """The engine of a base model stopped while it held the request (a remote engine's
+    process died). Not the caller's fault: the engine comes back, and the request may be
+    sent again."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What the front doors need to know of a served base model, without the model.

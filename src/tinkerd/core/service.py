@@ -51,6 +51,7 @@ from tinkerd.types import (
     AdamParams,
     AdapterRef,
     Datum,
+    EngineFailed,
     ForwardBackwardCall,
     LoraSpec,
     NotFound,
@@ -97,6 +98,8 @@ class SamplerState:
 def failure_from_exception(exc: BaseException) -> Failure:
     if isinstance(exc, UserError):
         return Failure(str(exc), "user")
+    if isinstance(exc, EngineFailed):
+        return Failure(str(exc), "server")
     if (message := disk_full_message(exc)) is not None:
         return Failure(message, "server")
     if isinstance(exc, OSError):
