@@ -31,17 +31,18 @@ def _keys(data_dir: Path, database_url: str | None):
     return ApiKeys(open_database(database_url or default_database_url(data_dir)))
 
 
-def _any_key_refusal(args: argparse.Namespace, data_dir: Path) -> str | None:
+def _any_key_refusal(args: argparse.Namespace, data_dir: Path, stored_keys) -> str | None:
     """Why the server must not start: with no keys, any `tml-` key gets in, which is only
     safe while nobody but this machine can connect."""
-    if args.api_key or is_loopback(args.host) or _keys(data_dir, args.database_url).any_created():
+    if args.api_key or is_loopback(args.host) or stored_keys.any_created():
         return None
     if args.allow_any_key_on_network:
         print(f"tinkerd serve: WARNING: {ANY_KEY_ON_NETWORK_FLAG}: anyone who can reach {args.host}:{args.port} "
               "gets in with any tml- key, and sees and changes everything", file=sys.stderr, flush=True)
         return None
     return (f"tinkerd serve: refusing to listen on {args.host} with no API keys: any tml- key would get in. Create a key "
-            f"first (tinkerd keys create --name NAME --data-dir {data_dir}), or pass --api-key KEY, or listen on "
+            f"first (tinkerd keys create --name NAME --data-dir {data_dir}{' --database-url URL' if args.database_url else ''}), "
+            "or pass --api-key KEY, or listen on "
             f"127.0.0.1; {ANY_KEY_ON_NETWORK_FLAG} overrides this.")
 
 
@@ -55,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     data_dir = Path(args.data_dir).expanduser()
     data_dir.mkdir(parents=True, exist_ok=True)
-    if (refusal := _any_key_refusal(args, data_dir)) is not None:
+    stored_keys = _keys(data_dir, args.database_url)  # opens (and migrates) the database before any model loads: a bad URL fails at once
+    if (refusal := _any_key_refusal(args, data_dir, stored_keys)) is not None:
         print(refusal, file=sys.stderr)
         return 2
     sources = {}
