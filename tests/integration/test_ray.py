@@ -94,7 +94,7 @@ def actor(base_model: str):
 def train_and_save(sc: tinker.ServiceClient, base_model: str) -> dict:
     """Two steps of SFT on `base_model`, then a sampler checkpoint; the requests of both
     steps are sent before any result is awaited, as the SDK's users pipeline them."""
-    tc = sc.create_lora_training_client(base_model=base_model, rank=4, seed=11)
+    tc = sc.create_lora_training_client(base_model=base_model, rank=4, seed=11).result()
     tokenizer = tc.get_tokenizer()
     data = [sft_datum(tokenizer, t) for t in TEXTS]
     futures = []
@@ -119,7 +119,7 @@ def train_both_at_once(server: Server) -> dict[str, dict]:
 
 
 def sampled(sc: tinker.ServiceClient, tokenizer, **target) -> list[list[int]]:
-    client = sc.create_sampling_client(**target)
+    client = sc.create_sampling_client(**target).result()
     params = types.SamplingParams(max_tokens=8, temperature=1.0, seed=5)
     result = client.sample(types.ModelInput.from_ints(tokenizer.encode(PROMPT)), 2, params).result()
     return [list(s.tokens) for s in result.sequences]
@@ -199,7 +199,7 @@ def test_a_killed_actor_fails_its_request_cleanly_and_comes_back(ray_server: Ser
     data = [sft_datum(tokenizer, t) for t in TEXTS]
     with pytest.raises(Exception, match="state of .* was lost.*create_training_client_from_state"):
         tc.forward_backward(data, "cross_entropy").result()
-    resumed = sc.create_training_client_from_state(saved)
+    resumed = sc.create_training_client_from_state(saved).result()
     assert resumed.forward_backward(data, "cross_entropy").result().metrics["loss:sum"] > 0
     resumed.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     # The other model's actor never noticed.

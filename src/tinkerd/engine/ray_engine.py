@@ -353,8 +353,13 @@ class RayEngine(EngineClient):
                 self._settle(done, out)
                 return
             events, finished, result = done.result()
-            for event in events:
-                on_token(event)
+            try:
+                for event in events:
+                    on_token(event)
+            except Exception as exc:  # noqa: BLE001 - a broken sink ends its request, not the stream of others
+                self.cancel(request_id)
+                out.set_exception(exc)
+                return
             if finished:
                 out.set_result(result)
             else:
