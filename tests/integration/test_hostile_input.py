@@ -235,3 +235,18 @@ def test_a_json_body_past_the_limit_is_a_413(server):
     # A forward_backward body of that size is within its own (protobuf) limit.
     r = post(server, "/api/v1/forward_backward", b"\xff" * (9 << 20), proto=True)
     assert r.status_code == 400 and "protobuf" in r.json()["detail"]
+
+
+# -- text that is not text ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/api/v1/session_heartbeat", '{"session_id": "\\ud800"}'),  # found by tests/fuzz: a 500 from the database
+    ("/api/v1/create_session", '{"tags": ["a\\udc00"], "user_metadata": {}, "sdk_version": "0.38.0"}'),
+    ("/v1/completions", '{"model": "%s", "prompt": "\\ud800", "max_tokens": 1}' % BASE),
+])
+def test_a_string_with_an_unpaired_surrogate_is_a_400(server, path, body):
+    r = httpx.post(server.base_url + path, content=body.encode(), timeout=30,
+                   headers={**HEADERS, "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert "unpaired surrogate" in r.text

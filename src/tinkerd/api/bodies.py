@@ -8,6 +8,7 @@ the interpreter's recursion limit is the client's error, not the server's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -31,11 +32,30 @@ def body_limit(path: str) -> int:
 
 async def json_body(request: Request) -> Any:
     try:
-        return await request.json()
+        body = await request.json()
     except RecursionError:
         raise UserError("request body is nested too deeply to be parsed as JSON") from None
     except ValueError:
         raise UserError("request body is not valid JSON") from None
+    if has_unpaired_surrogate(body):
+        raise UserError(UNPAIRED_SURROGATE)
+    return body
+
+
+UNPAIRED_SURROGATE = "request body has a string with an unpaired surrogate (a lone \\ud800-\\udfff escape), which is not text"
+
+
+def has_unpaired_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value holds a string no text encoding can store or tokenize.
+
+    JSON's escapes can spell half of a UTF-16 pair ("\\ud800"), and Python's parser keeps it
+    as a lone surrogate; the database and the tokenizer refuse it, far from the request.
+    """
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class BodySizeLimit:

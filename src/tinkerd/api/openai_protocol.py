@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, WithJsonSchema
 
+from tinkerd.api.bodies import UNPAIRED_SURROGATE, has_unpaired_surrogate
 from tinkerd.types import SamplingParams, UserError
 
 MAX_CHOICES = 1024  # prompts x n in one request
@@ -91,8 +92,29 @@ class CommonRequest(BaseModel):
     return_tokens_as_token_ids: bool | None = None
 
 
+# `prompt` and `messages` are checked by hand (parse_prompt, render_chat); their published
+# schemas say what those accept.
+_TOKENS = {"type": "array", "items": {"type": "integer"}}
+PromptField = Annotated[Any, WithJsonSchema({"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}}, _TOKENS, {"type": "array", "items": _TOKENS},
+]})]
+MessagesField = Annotated[list[Any], WithJsonSchema({"type": "array", "items": {
+    "type": "object",
+    "required": ["role"],
+    "properties": {
+        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "content": {"anyOf": [
+            {"type": "string"}, {"type": "null"},
+            {"type": "array", "items": {"type": "object", "required": ["type", "text"],
+                                        "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}},
+        ]},
+        "name": {"type": "string"},
+    },
+}})]
+
+
 class CompletionRequest(CommonRequest):
-    prompt: Any
+    prompt: PromptField
     max_tokens: int | None = None
     logprobs: int | None = None
     echo: bool | None = None
@@ -101,7 +123,7 @@ class CompletionRequest(CommonRequest):
 
 
 class ChatRequest(CommonRequest):
-    messages: list[Any]
+    messages: MessagesField
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -124,6 +146,25 @@ class ChatRequest(CommonRequest):
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
+
+
+def request_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route that parses `model` itself (parse_request): its JSON
+    schema with the nested models written out in place, since a route's schema cannot point
+    into pydantic's `$defs`."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    return {"required": True, "content": {"application/json": {"schema": inline(schema)}}}
 
 
 # Fields this server does not implement, and the values at which they are a no-op.
@@ -155,6 +196,8 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
         raise OpenAIError(400, "the request body is nested too deeply to be parsed as JSON") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "the request body must be a JSON object")
+    if has_unpaired_surrogate(data):
+        raise OpenAIError(400, UNPAIRED_SURROGATE)
     try:
         req = model.model_validate(data)
     except ValidationError as exc:

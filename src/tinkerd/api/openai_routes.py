@@ -38,6 +38,7 @@ from tinkerd.api.openai_protocol import (
     parse_prompt,
     parse_request,
     render_chat,
+    request_body_schema,
     sampling_params,
 )
 from tinkerd.api.openai_render import (
@@ -496,8 +497,11 @@ def build_openai_routers(service: Service) -> list[APIRouter]:
     routers = []
     for prefix in PREFIXES:
         router = APIRouter(prefix=prefix, tags=["openai"])
-        router.add_api_route("/completions", door.completions, methods=["POST"])
-        router.add_api_route("/chat/completions", door.chat_completions, methods=["POST"])
+        # The routes read their bodies themselves; their schemas are published for clients and fuzzers.
+        router.add_api_route("/completions", door.completions, methods=["POST"],
+                             openapi_extra={"requestBody": request_body_schema(CompletionRequest)})
+        router.add_api_route("/chat/completions", door.chat_completions, methods=["POST"],
+                             openapi_extra={"requestBody": request_body_schema(ChatRequest)})
         router.add_api_route("/models", door.list_models, methods=["GET"])
         router.add_api_route("/models/{model:path}", door.retrieve_model, methods=["GET"])
         routers.append(router)
