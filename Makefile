@@ -30,7 +30,7 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not acceptance" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not acceptance and not fuzz" tests
 
 # tinker-cookbook 0.6.1 recipes, unmodified, against a real tinkerd (tests/acceptance).
 # Builds its own venv at .data/cookbook-venv on first use (PyPI), then reuses it.

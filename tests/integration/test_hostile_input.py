@@ -243,7 +243,7 @@ def test_a_json_body_past_the_limit_is_a_413(server):
 @pytest.mark.parametrize("path, body", [
     ("/api/v1/session_heartbeat", '{"session_id": "\\ud800"}'),  # found by tests/fuzz: a 500 from the database
     ("/api/v1/create_session", '{"tags": ["a\\udc00"], "user_metadata": {}, "sdk_version": "0.38.0"}'),
-    ("/v1/completions", '{"model": "%s", "prompt": "\\ud800", "max_tokens": 1}' % BASE),
+    ("/v1/completions", '{"model": "' + BASE + '", "prompt": "\\ud800", "max_tokens": 1}'),
 ])
 def test_a_string_with_an_unpaired_surrogate_is_a_400(server, path, body):
     r = httpx.post(server.base_url + path, content=body.encode(), timeout=30,
