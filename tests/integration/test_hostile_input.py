@@ -250,3 +250,15 @@ def test_a_string_with_an_unpaired_surrogate_is_a_400(server, path, body):
                    headers={**HEADERS, "Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     assert "unpaired surrogate" in r.text
+
+
+def test_optim_step_without_seq_id_is_a_400(server):
+    """It used to step the optimizer and then fail as a server error recording its metrics
+    (found by tests/fuzz)."""
+    model = new_model(server, new_session(server))
+    body = optim_body(model, 1)
+    del body["seq_id"]
+    r = post(server, "/api/v1/optim_step", body)
+    assert r.status_code == 400 and "seq_id" in r.json()["detail"], r.text
+    step = post(server, "/api/v1/optim_step", optim_body(model, 1))
+    assert "metrics" in wait_result(server, step.json()["request_id"], deadline=LONG_POLL).json()

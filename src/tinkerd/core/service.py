@@ -394,8 +394,10 @@ class Service:
             if loss_fn == "stable_reinforce" and targets is not None:
                 d.stability = stability_for_datum(d.loss_fn_input_spans or [], targets, self.stability, session_id)
 
-    def optim_step(self, model_id: str, seq_id: int, params: AdamParams, user: User) -> FutureEntry:
+    def optim_step(self, model_id: str, seq_id: int | None, params: AdamParams, user: User) -> FutureEntry:
         state = self._model(model_id, user)
+        if seq_id is None:  # the SDK always sends one; the step's metrics are recorded under it
+            raise UserError("optim_step needs seq_id", field="seq_id")
 
         def record(metrics: dict[str, float]) -> dict:
             self._record_metrics(model_id, seq_id, "optim_step", {**metrics, "learning_rate:mean": params.learning_rate})
