@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 
 from bench.common import Context, Target, close_quietly, log, median, row, stopwatch, time_in_turns
 from bench.sampling import make_prompts, sdk_sample_concurrently
@@ -36,7 +37,9 @@ def ray_cluster(ctx: Context) -> str:
     token_file.chmod(0o600)
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token_file)  # the Ray server started below finds it too
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     ray.init(num_cpus=cores, include_dashboard=False, namespace="tinkerd-bench", logging_level="WARNING")
+    signal.signal(signal.SIGTERM, on_sigterm)  # Ray's own handler would exit without stopping the servers
     return ray.get_runtime_context().gcs_address
 
 

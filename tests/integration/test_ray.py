@@ -91,6 +91,10 @@ def actor(base_model: str):
     return ray.get_actor(f"{base_model}#0", namespace="tinkerd")
 
 
+def actor_process(base_model: str) -> dict:
+    return ray.get(actor(base_model).process.remote())
+
+
 def train_and_save(sc: tinker.ServiceClient, base_model: str) -> dict:
     """Two steps of SFT on `base_model`, then a sampler checkpoint; the requests of both
     steps are sent before any result is awaited, as the SDK's users pipeline them."""
@@ -132,7 +136,11 @@ def ray_runs(ray_server: Server) -> dict:
 
 def test_the_engines_are_ray_actors_and_the_api_process_loads_no_torch(ray_server: Server, ray_runs: dict):
     for base_model in (MODEL_NAME, TINY):
-        assert ray.get(actor(base_model).pid.remote()) != ray_server.proc.pid
+        process = actor_process(base_model)
+        assert process["pid"] != ray_server.proc.pid
+        # Two models on a 2-CPU cluster: one CPU each, and the engine uses it, at the
+        # priority of any other process (Ray's workers start at niceness 15).
+        assert process["engine_threads"] == 1 and process["niceness"] == 0
     maps = Path(f"/proc/{ray_server.proc.pid}/maps").read_text()
     assert "libtorch" not in maps  # trained and sampled both models, and never loaded torch
 
@@ -175,7 +183,7 @@ def test_a_killed_actor_fails_its_request_cleanly_and_comes_back(ray_server: Ser
     run = ray_runs[MODEL_NAME]
     tc, tokenizer = run["tc"], run["tokenizer"]
     saved = tc.save_state("before-the-crash").result().path
-    victim = ray.get(actor(MODEL_NAME).pid.remote())
+    victim = actor_process(MODEL_NAME)["pid"]
     body = {"model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 400, "temperature": 1.0, "seed": 3, "stream": True}
     events = []
     with httpx.stream("POST", ray_server.base_url + "/v1/completions", json=body,
@@ -194,7 +202,7 @@ def test_a_killed_actor_fails_its_request_cleanly_and_comes_back(ray_server: Ser
 
     # Ray restarts the actor; the next request waits for it and succeeds.
     assert len(sampled(sc, tokenizer, base_model=MODEL_NAME)[0]) == 8
-    assert ray.get(actor(MODEL_NAME).pid.remote()) != victim
+    assert actor_process(MODEL_NAME)["pid"] != victim
     # The run's in-memory state died with the process: it says so, and resumes from its save.
     data = [sft_datum(tokenizer, t) for t in TEXTS]
     with pytest.raises(Exception, match="state of .* was lost.*create_training_client_from_state"):

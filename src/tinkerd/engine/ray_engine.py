@@ -90,9 +90,8 @@ class EngineActor:
     methods wait on the engine's futures without holding a thread each)."""
 
     def __init__(self, name: str, model_dir: str, device: str | None, kv_cache_bytes: int | None, threads: int):
-        # Ray starts workers with OMP_NUM_THREADS=1; the engine wants the CPUs it was given.
-        # Set before torch loads (OpenMP reads it once) and on torch itself.
-        os.environ["OMP_NUM_THREADS"] = str(threads)
+        # The actor's environment sets OMP_NUM_THREADS (`actor_environment`); torch's own
+        # thread count is set here and on the engine thread, which runs every tensor op.
         import torch
 
         torch.set_num_threads(threads)
@@ -107,13 +106,12 @@ class EngineActor:
     def info(self) -> Any:
         return self.engine.info
 
-    def pid(self) -> int:
-        return os.getpid()
-
-    def threads(self) -> int:
+    def process(self) -> dict:
+        """The actor's process as the operating system sees it (for operators and tests)."""
         import torch
 
-        return self.engine.run_on_engine_thread(torch.get_num_threads).result()
+        return {"pid": os.getpid(), "niceness": os.nice(0),
+                "engine_threads": self.engine.run_on_engine_thread(torch.get_num_threads).result()}
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -254,7 +252,7 @@ class RayEngine(EngineClient):
         deadline = time.monotonic() + RESTART_WAIT_S
 
         def ping() -> None:
-            self.actor.pid.remote().future().add_done_callback(lambda done: _completions.submit(answered, done))
+            self.actor.info.remote().future().add_done_callback(lambda done: _completions.submit(answered, done))
 
         def answered(done: Future) -> None:
             if done.exception() is None:
@@ -391,12 +389,6 @@ class RayEngine(EngineClient):
             pass
         return self._last_stats
 
-    # -- on the cluster only -------------------------------------------------------------------
-
-    def pid(self) -> int:
-        """The actor's process id (tests kill it to prove recovery)."""
-        return self._ray.get(self.actor.pid.remote())
-
 
 # -- starting the actors -------------------------------------------------------------------------
 
@@ -441,6 +433,13 @@ def connect(address: str) -> None:
         raise RayClusterError(f"cannot join the Ray cluster at {address}: {exc}") from None
 
 
+def actor_environment(threads: int) -> dict:
+    """What an engine actor's process starts with. Ray starts workers with one OpenMP thread
+    (a CPU engine would use one core of those it was given) and at niceness 15 (an engine
+    would lose its cores to any other process on the node); the engine is the node's work."""
+    return {"env_vars": {"OMP_NUM_THREADS": str(threads), "RAY_worker_niceness": "0"}}
+
+
 def _largest_node_cpus(ray: Any) -> float:
     cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
     return max(cpus, default=1.0)
@@ -479,7 +478,7 @@ def start_ray_engines(models: list[tuple[str, Path]], plans: dict[str, ReplicaPl
             try:
                 actor = actor_class.options(
                     name=actor_name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
-                    max_restarts=-1, max_task_retries=0, max_concurrency=1000,
+                    max_restarts=-1, max_task_retries=0, max_concurrency=1000, runtime_env=actor_environment(threads),
                 ).remote(name, str(model_dir), device, kv_cache_bytes, threads)
             except ValueError as exc:  # a live actor of that name: another tinkerd serves this model here
                 raise RayClusterError(f"cannot start actor {actor_name!r} in namespace {NAMESPACE!r}: {exc}") from None
