@@ -110,6 +110,23 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+@contextmanager
+def one_compute_thread() -> Iterator[None]:
+    """Servers started inside run torch on one thread. For the benchmarks that measure memory
+    or correctness, not speed: on a busy host a team of OpenMP threads spin-waits for its
+    descheduled members, and every small request becomes many times slower (a 3-token sample
+    took 2-8 s instead of 0.2-0.5 s on a 2-core host with a load average of 8)."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+
+
 # -- machine ---------------------------------------------------------------------------------
 
 
