@@ -16,6 +16,9 @@ Benchmarks (one module each, `run(ctx, smoke) -> dict`):
                     tokens/s of the engine vs transformers (+ PEFT)              (ratio)
   fairness          one user's lone 8-token request while another user has 200
                     x 64-token samples in flight vs the same request idle        < 2x
+  memory            the server's RSS over 20,000 small sample requests (SDK and
+                    OpenAI): end vs after warm-up, and its slope over the second
+                    half                                                         < 1.1x
   ray_engines       the engine as a Ray actor (serve --ray) vs in the server's
                     process: sampling 32 x 64 and training 8 x 128 tokens/s      >= 0.9x
 
@@ -37,7 +40,8 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHMARKS = ["train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling", "moe", "fairness", "ray_engines"]
+BENCHMARKS = ["train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling", "moe", "fairness", "ray_engines",
+              "memory"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARKS = {"train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling", "moe", "fairness", "ray_engines"}
+BENCHMARKS = {"train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling", "moe", "fairness", "ray_engines",
+              "memory"}
 
 
 @pytest.mark.slow
