@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tinkerd.config import database_url_from_env, default_data_dir
+from tinkerd.core.work_cap import DEFAULT_MAX_QUEUED_PER_USER
 from tinkerd.model_store import DEFAULT_MODEL
 
 ANY_KEY_ON_NETWORK_FLAG = "--allow-any-key-on-network"
@@ -80,7 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     for source in sources.values():
         record_served(source, data_dir)  # so offline commands given only the name find this directory
-    service = Service(data_dir, engines, session_timeout=args.session_timeout, database_url=args.database_url)
+    service = Service(data_dir, engines, session_timeout=args.session_timeout, database_url=args.database_url,
+                      max_queued_per_user=args.max_queued_per_user)
     keys = set(args.api_key) if args.api_key else None
     app = create_app(service, hold_seconds=args.long_poll_seconds, api_keys=keys)
     metadata = f", metadata: {shown(args.database_url)}" if args.database_url else ""
@@ -253,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-gb", type=float, default=None,
                        help="memory each model's sampler may use for its KV cache, in GiB; requests beyond it wait, and one "
                             "that could never fit is refused (default: half the free GPU memory, or a quarter of the RAM)")
+    serve.add_argument("--max-queued-per-user", type=int, default=DEFAULT_MAX_QUEUED_PER_USER, metavar="N",
+                       help="requests one user may have in progress at once; past it the server answers 429 and the SDKs "
+                            f"send the request again a little later (0: no cap; default: {DEFAULT_MAX_QUEUED_PER_USER})")
     serve.add_argument("--session-timeout", type=float, default=120.0,
                        help="seconds without heartbeat before a session's in-memory state is freed (default: 120)")
     serve.add_argument("--long-poll-seconds", type=float, default=25.0, help="how long retrieve_future holds (default: 25)")

@@ -23,6 +23,7 @@ from tinkerd.api.rest_routes import SIGNED_DOWNLOAD_PATH, build_rest_router
 from tinkerd.api.tinker_routes import build_router
 from tinkerd.core.keys import ApiKeys
 from tinkerd.core.service import Service
+from tinkerd.core.work_cap import QueueFull
 from tinkerd.types import UserError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError):
-        return _error(exc.status, str(exc), request, exc.field)
+        response = _error(exc.status, str(exc), request, exc.field)
+        if isinstance(exc, QueueFull):  # both SDKs wait this long before they send it again
+            response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -121,6 +125,6 @@ def _error(status: int, message: str, request: Request, param: str | None = None
     """The one error shape of each door: OpenAI's under /oai/ and /v1/, FastAPI's elsewhere."""
     if request.url.path.startswith(("/oai/", "/v1/")):
         kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+                404: "not_found_error", 429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
         return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
     return JSONResponse({"detail": message}, status_code=status)

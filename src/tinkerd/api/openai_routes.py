@@ -80,8 +80,9 @@ def resolve_model(service: Service, model: str, user: User) -> SampleTarget:
 class Run:
     """The choices of one request: prompt p, sample i is choice p * n + i."""
 
-    def __init__(self, service: Service, target: SampleTarget, requests: list[SampleRequest], stops: list[str]):
+    def __init__(self, service: Service, user: User, target: SampleTarget, requests: list[SampleRequest], stops: list[str]):
         self.service = service
+        self.user = user  # whose queued work the requests count as (core/work_cap.py)
         self.target = target
         self.requests = requests
         self.n = requests[0].num_samples
@@ -113,7 +114,9 @@ class Run:
         }
 
     def submit(self, p: int, on_token: Callable[[TokenEvent], None] | None = None) -> Future:
-        return self.service.sampling.submit(self.target, self.requests[p], on_token)
+        future = self.service.sampling.submit(self.target, self.requests[p], on_token)
+        self.service.work.hold(self.user, future)
+        return future
 
     def cancel(self, p: int | None = None, sample_index: int | None = None) -> None:
         """Stop prompt p's sample (all of them: sample_index None), or every prompt's (p None)."""
@@ -391,7 +394,8 @@ class OpenAIFrontDoor:
         if sampled > sampling.MAX_SAMPLED_TOKENS:
             raise invalid("max_tokens", f"{len(prompts)} prompts x n={n} x their max_tokens is {sampled} tokens, more than "
                                         f"{sampling.MAX_SAMPLED_TOKENS} sampled tokens in one request")
-        run = Run(self.service, target, requests, params.stop_strings)
+        self.service.work.admit(request.state.user)
+        run = Run(self.service, request.state.user, target, requests, params.stop_strings)
         echo_texts = None
         if echo:
             echo_texts = [t if t is not None else tokenizer.decode(p, skip_special_tokens=False)
@@ -432,7 +436,8 @@ class OpenAIFrontDoor:
                                                       topk_sample_logprobs=logprobs or 0,
                                                       tenant=getattr(request.state, "tenant", "")),
                                 names, prompt_label="messages", min_max_tokens=1)
-        run = Run(self.service, target, [checked], params.stop_strings)
+        self.service.work.admit(request.state.user)
+        run = Run(self.service, request.state.user, target, [checked], params.stop_strings)
         shape = ChatShape(TokenNames(tokenizer, bool(req.return_tokens_as_token_ids)), logprobs)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model, "system_fingerprint": None}
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -22,6 +22,7 @@ from tinkerd.api.sdk import types as T
 from tinkerd.core.access import User
 from tinkerd.core.futures import FutureEntry
 from tinkerd.core.service import Service
+from tinkerd.core.work_cap import QueueFull
 from tinkerd.types import AdamParams, LoraSpec, SampleRequest, SamplingParams, UserError
 
 PROTOBUF = "application/x-protobuf"
@@ -95,9 +96,12 @@ def ordered_ids(body: Any) -> tuple[str | None, int | None]:
 @contextmanager
 def consumes_seq(service: Service, user: User, model_id: str | None, seq_id: int | None) -> Iterator[None]:
     """A training request refused at submission, whatever refused it, still uses up its seq_id
-    (see Service.skip_seq)."""
+    (see Service.skip_seq). Except one refused for now only (QueueFull, a 429): the SDK sends
+    that very request, with the same seq_id, again."""
     try:
         yield
+    except QueueFull:
+        raise
     except Exception:
         if model_id is not None:
             service.skip_seq(model_id, seq_id, user)

@@ -42,6 +42,7 @@ class FutureEntry:
     wire_cache: Any = None  # the API layer may cache the encoded result here
     resolved_at: float | None = None
     delivered_at: float | None = None  # first time a poll received the result
+    owner: str | None = None  # the user whose queued work this is (core/work_cap.py counts it)
 
 
 class FutureStore:
@@ -50,13 +51,17 @@ class FutureStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock = clock
         self._last_sweep = clock()
+        self._pending_by_owner: dict[str, int] = {}
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
 
-    def create(self, kind: str, session_id: str | None) -> FutureEntry:
-        entry = FutureEntry(request_id=f"req-{uuid.uuid4().hex}", kind=kind, session_id=session_id, created=self._clock())
+    def create(self, kind: str, session_id: str | None, owner: str | None = None) -> FutureEntry:
+        entry = FutureEntry(request_id=f"req-{uuid.uuid4().hex}", kind=kind, session_id=session_id, created=self._clock(),
+                            owner=owner)
         self._entries[entry.request_id] = entry
+        if owner is not None:
+            self._pending_by_owner[owner] = self._pending_by_owner.get(owner, 0) + 1
         if entry.created - self._last_sweep >= _SWEEP_EVERY_S:  # amortised: no timer of its own
             self.sweep()
         return entry
@@ -67,6 +72,10 @@ class FutureStore:
     def pending(self) -> int:
         """Futures whose result is not there yet."""
         return sum(1 for e in list(self._entries.values()) if not e.event.is_set())
+
+    def pending_of(self, owner: str) -> int:
+        """Futures of `owner` whose result is not there yet."""
+        return self._pending_by_owner.get(owner, 0)
 
     def sweep(self) -> int:
         """Drop results past their retention (module docstring); returns how many."""
@@ -87,6 +96,12 @@ class FutureStore:
         """Thread-safe: may be called from the engine thread."""
 
         def _set() -> None:
+            if entry.owner is not None and not entry.event.is_set():
+                left = self._pending_by_owner.get(entry.owner, 1) - 1
+                if left > 0:
+                    self._pending_by_owner[entry.owner] = left
+                else:
+                    self._pending_by_owner.pop(entry.owner, None)
             entry.result = result
             entry.failure = failure
             entry.resolved_at = self._clock()

@@ -21,6 +21,7 @@ import datetime as dt
 import logging
 import shutil
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from tinkerd.core.paths import TinkerPath, check_checkpoint_name
 from tinkerd.core.provenance import SequenceRecord, StabilityStore, check_tiling, stability_for_datum
 from tinkerd.core.registry import MAX_TTL_SECONDS, Registry, check_checkpoint_files, checkpoint_query, disk_full_message
 from tinkerd.core.sampling import SampleTarget, Sampling
+from tinkerd.core.work_cap import DEFAULT_MAX_QUEUED_PER_USER, WorkCap
 from tinkerd.types import (
     AdamParams,
     AdapterRef,
@@ -82,7 +84,10 @@ class ModelState:
     last_request: dt.datetime | None = None  # committed as the run's last_request_time with its next metrics or save
     # seq_id → (submit: hands the request to the engine's door, its entry, what to do with the result)
     pending: dict[int, tuple[Callable[[], Future], FutureEntry, Callable[[Any], Any] | None]] = field(default_factory=dict)
-    seen: dict[int, FutureEntry] = field(default_factory=dict)
+    # seq_id → its entry, for as long as the futures store keeps it: a retry gets the same
+    # future. Weak, so that a result goes when its retention ends (core/futures.py), not
+    # when 4096 later requests have pushed it out of the window.
+    seen: weakref.WeakValueDictionary[int, FutureEntry] = field(default_factory=weakref.WeakValueDictionary)
 
 
 @dataclass
@@ -92,7 +97,8 @@ class SamplerState:
     owner: str
     target: SampleTarget
     model_path: str | None
-    seen: dict[int, tuple[FutureEntry, list[str]]] = field(default_factory=dict)
+    # seq_id → (its entry, weakly as in ModelState.seen, and its sequence ids)
+    seen: dict[int, tuple[weakref.ref[FutureEntry], list[str]]] = field(default_factory=dict)
 
 
 def failure_from_exception(exc: BaseException) -> Failure:
@@ -115,8 +121,10 @@ def _done(value: Any = None) -> Future:
 
 class Service:
     def __init__(self, data_dir: Path, engines: dict[str, EngineClient], session_timeout: float = 120.0,
-                 database_url: str | None = None):
-        """`database_url`: where metadata lives (None: the SQLite file in `data_dir`)."""
+                 database_url: str | None = None, max_queued_per_user: int = DEFAULT_MAX_QUEUED_PER_USER):
+        """`database_url`: where metadata lives (None: the SQLite file in `data_dir`).
+        `max_queued_per_user`: requests of one user in progress at once, past which the server
+        answers 429 (0: no cap; core/work_cap.py)."""
         self.data_dir = data_dir
         self.engines = engines
         self.session_timeout = session_timeout
@@ -125,6 +133,7 @@ class Service:
         self.registry = Registry(self.db, data_dir)
         self.sampling = Sampling(engines, self.adapter_for_path)
         self.futures = FutureStore()
+        self.work = WorkCap(max_queued_per_user, self.futures)
         self.models: dict[str, ModelState] = {}
         self.samplers: dict[str, SamplerState] = {}
         self.session_seen: dict[str, float] = {}
@@ -295,7 +304,9 @@ class Service:
             raise UserError(f"seq_id must be >= 1 (0 is the model's creation), got {seq_id}", field="seq_id")
         if seq_id is not None and seq_id in state.seen:
             return state.seen[seq_id]  # a retry: same future, no second execution
-        entry = self.futures.create(kind, state.session_id)
+        if kind != "skipped":
+            self.work.admit(user)
+        entry = self.futures.create(kind, state.session_id, owner=user.name)
         state.last_request = utcnow()
         if seq_id is None or seq_id < state.next_seq:
             self._chain(submit(), entry, on_done)
@@ -338,9 +349,10 @@ class Service:
             return model_id, self.models[model_id].seen.get(0) or self.futures.create("create_model", session_id)
         if spec.seed is None:
             spec = LoraSpec(spec.rank, spec.train_attn, spec.train_mlp, spec.train_unembed, int(uuid.uuid4().int % 2**31))
+        self.work.admit(user)
         state = ModelState(run_id=model_id, session_id=session_id, owner=owner, engine=engine)
         self.models[model_id] = state
-        entry = self.futures.create("create_model", session_id)
+        entry = self.futures.create("create_model", session_id, owner=user.name)
         state.seen[0] = entry
 
         def on_done(_: Any) -> dict:
@@ -542,9 +554,10 @@ class Service:
         new_id = f"{session_id}:train:{model_seq_id}"
         if new_id in self.models and 0 in self.models[new_id].seen:
             return new_id, self.models[new_id].seen[0]
+        self.work.admit(user)
         state = ModelState(run_id=new_id, session_id=session_id, owner=owner, engine=engine)
         self.models[new_id] = state
-        entry = self.futures.create("load", session_id)
+        entry = self.futures.create("load", session_id, owner=user.name)
         state.seen[0] = entry
 
         def on_done(spec: LoraSpec) -> dict:
@@ -603,8 +616,11 @@ class Service:
         state = self.sampler(sampler_id, user)
         self._touch(state.session_id)
         if seq_id is not None and seq_id in state.seen:
-            return state.seen[seq_id]
-        entry = self.futures.create("sample", state.session_id)
+            earlier, earlier_ids = state.seen[seq_id]
+            if (earlier_entry := earlier()) is not None:
+                return earlier_entry, earlier_ids
+        self.work.admit(user)
+        entry = self.futures.create("sample", state.session_id, owner=user.name)
         try:
             request = sampling.check(state.target.info, request)
             failure = None
@@ -613,7 +629,7 @@ class Service:
         # Checked first: num_samples is bounded only once the check passed.
         sequence_ids = [f"{entry.request_id}:{i}" for i in range(request.num_samples)] if failure is None else []
         if seq_id is not None:
-            state.seen[seq_id] = (entry, sequence_ids)
+            state.seen[seq_id] = (weakref.ref(entry), sequence_ids)
             if len(state.seen) > _SEEN_WINDOW:
                 del state.seen[min(state.seen)]
         if failure is not None:
