@@ -261,9 +261,14 @@ class Service:
 
     def _chain(self, future: Future, entry: FutureEntry, on_done: Callable[[Any], Any] | None = None,
                on_failure: Callable[[], Any] | None = None) -> None:
-        """Resolve `entry` with the engine's result, after `on_done` ran on the bookkeeping thread."""
+        """Resolve `entry` with the engine's result, after `on_done` ran on the bookkeeping thread.
+        The engine may keep a finished future (a model's last operation, to order its next one):
+        its callback lets go of the entry once it ran, so that the result lives only as long as
+        the futures store keeps it."""
+        unresolved = [entry]
 
         def complete(f: Future) -> None:
+            entry = unresolved.pop()
             try:
                 result = f.result()
                 self.futures.resolve(entry, on_done(result) if on_done else result)
