@@ -218,6 +218,42 @@ def _keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _projects(args: argparse.Namespace):
+    from tinkerd.core.db import default_database_url, open_database
+    from tinkerd.core.projects import Projects
+
+    data_dir = Path(args.data_dir).expanduser()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Projects(open_database(args.database_url or default_database_url(data_dir)))
+
+
+def _projects_command(args: argparse.Namespace) -> int:
+    from tinkerd.core.keys import CACHE_SECONDS
+    from tinkerd.types import UserError
+
+    try:
+        projects = _projects(args)
+        if args.projects_command == "create":
+            project = projects.create(args.name, args.member or [])
+            print(f"created project {project.name!r} with members {', '.join(project.members) or '(none)'}; "
+                  f"its sessions: ServiceClient(project_id={project.name!r}) or TINKER_PROJECT_ID={project.name}")
+        elif args.projects_command == "add-member":
+            projects.add_members(args.name, args.users)
+        elif args.projects_command == "remove-member":
+            projects.remove_members(args.name, args.users)
+        else:
+            table = [("PROJECT", "MEMBERS")] + [(p.name, ", ".join(p.members) or "-") for p in projects.list()]
+            width = max(len(row[0]) for row in table)
+            for name, members in table:
+                print(f"{name.ljust(width)}  {members}")
+    except UserError as exc:
+        print(f"tinkerd projects {args.projects_command}: {exc}", file=sys.stderr)
+        return 1
+    if args.projects_command in ("add-member", "remove-member"):
+        print(f"a running server applies the change within {CACHE_SECONDS:g} s")
+    return 0
+
+
 def add_database_url(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--database-url", default=database_url_from_env(), metavar="URL",
                         help="where the metadata (runs, checkpoints, keys) lives, as a SQLAlchemy URL, e.g. "
@@ -319,6 +355,24 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (create, listing, revoke):
         command.add_argument("--data-dir", default=str(default_data_dir()), help="the server's state directory")
         add_database_url(command)
+
+    projects = sub.add_parser("projects", help="projects: users who read each other's runs and checkpoints (offline, "
+                                               "against --data-dir; also while the server runs)")
+    projects_sub = projects.add_subparsers(dest="projects_command", required=True)
+    p_create = projects_sub.add_parser("create", help="create a project; its name is the project_id sessions give")
+    p_create.add_argument("name")
+    p_create.add_argument("--member", action="append", metavar="USER", help="a member (a user named by `tinkerd keys "
+                                                                               "create`); repeatable")
+    p_list = projects_sub.add_parser("list", help="projects and their members")
+    p_add = projects_sub.add_parser("add-member", help="add users to a project")
+    p_remove = projects_sub.add_parser("remove-member", help="remove users from a project")
+    for command in (p_add, p_remove):
+        command.add_argument("name")
+        command.add_argument("users", nargs="+", metavar="USER")
+    for command in (p_create, p_list, p_add, p_remove):
+        command.add_argument("--data-dir", default=str(default_data_dir()), help="the server's state directory")
+        add_database_url(command)
+        command.set_defaults(func=_projects_command)
     return parser
 
 

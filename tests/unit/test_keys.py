@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from alembic import command
+from sqlalchemy import create_engine, inspect, text
 
 from tinkerd.core.db import ApiKeyRow, Base, open_database
 from tinkerd.core.keys import CACHE_SECONDS, ApiKeys, hash_key
+from tinkerd.core.migrate import BASELINE, alembic_config
 from tinkerd.types import NotFound, UserError
 
 
@@ -91,9 +93,9 @@ def test_last_use_and_listing(db):
 
 
 def test_a_data_dir_from_before_keys_opens_and_gets_the_table(database_url: str):
-    old = open_database(database_url)
-    engine = old.kw["bind"]
-    with engine.begin() as conn:  # the schema as it was: every table but api_keys, and no migrations yet
+    engine = create_engine(database_url)
+    with engine.begin() as conn:  # the schema as it was: the baseline's tables but api_keys, and no migrations yet
+        command.upgrade(alembic_config(conn), BASELINE)
         conn.exec_driver_sql("DROP TABLE api_keys")
         conn.exec_driver_sql("DROP TABLE alembic_version")
     assert "api_keys" not in inspect(engine).get_table_names()

@@ -40,7 +40,7 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     app.state.service = service
-    admission = Admission(ApiKeys(service.db), api_keys)
+    admission = app.state.admission = Admission(ApiKeys(service.db), api_keys)  # also for weights_access_token
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):

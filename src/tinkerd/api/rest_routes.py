@@ -108,10 +108,10 @@ def build_rest_router(service: Service) -> APIRouter:
     @r.get("/training_runs")
     async def list_training_runs(limit: int = Query(20), offset: int = Query(0), base_model: str | None = Query(None),
                                  search: str | None = Query(None), access_scope: str = Query("owned"),
-                                 user: User = Depends(caller)) -> dict:
+                                 project_id: str | None = Query(None), user: User = Depends(caller)) -> dict:
         """base_model and search (a substring of the run id or base model) are tinkerd extensions."""
         limit, offset = page(limit, offset)
-        runs, total = registry.list_runs(user, limit, offset, base_model, search, access_scope)
+        runs, total = registry.list_runs(user, limit, offset, base_model, search, access_scope, project_id)
         return {"training_runs": runs_json(runs), "cursor": {"offset": offset, "limit": limit, "total_count": total}}
 
     @r.get("/training_runs/{run_id}")
@@ -197,6 +197,16 @@ def build_rest_router(service: Service) -> APIRouter:
                             user: User = Depends(caller)) -> dict:
         limit, offset = page(limit, offset)
         return {"sessions": [s.id for s in registry.list_sessions(user, limit, offset, access_scope)]}
+
+    @r.put("/sessions/{session_id}/project")
+    async def assign_session_project(session_id: str, request: Request, user: User = Depends(caller)) -> dict:
+        """Move a session of the caller's, with its training runs, into a project they are in."""
+        body = await json_body(request)
+        project_id = body.get("project_id") if isinstance(body, dict) else None
+        if not isinstance(project_id, str) or not project_id:
+            raise UserError("project_id (a project's name) is required", field="project_id")
+        service.assign_session_project(session_id, project_id, user)
+        return {}
 
     @r.get("/sessions/{session_id}")
     async def get_session(session_id: str, user: User = Depends(caller)) -> dict:

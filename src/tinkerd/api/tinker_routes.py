@@ -108,6 +108,17 @@ def consumes_seq(service: Service, user: User, model_id: str | None, seq_id: int
         raise
 
 
+def token_user(request: Request, weights_access_token: str | None) -> User | None:
+    """The user whose key a request passes as `weights_access_token` (to load a checkpoint
+    that user may read and the caller may not); a key the server refuses is a 400."""
+    if weights_access_token is None:
+        return None
+    reader = request.app.state.admission.user_for(weights_access_token)
+    if reader is None:
+        raise UserError("weights_access_token is not an API key this server accepts", field="weights_access_token")
+    return reader
+
+
 def build_router(service: Service, hold_seconds: float) -> APIRouter:
     r = APIRouter(prefix="/api/v1")
 
@@ -141,7 +152,8 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
     @r.post("/create_session")
     async def create_session(request: Request, user: User = Depends(caller)) -> dict:
         req = parse(T.CreateSessionRequest, await json_body(request))
-        return {"session_id": service.create_session(req.tags, req.user_metadata or {}, user), "type": "create_session"}
+        session_id = service.create_session(req.tags, req.user_metadata or {}, user, project_id=req.project_id)
+        return {"session_id": session_id, "type": "create_session"}
 
     @r.post("/session_heartbeat")
     async def heartbeat(request: Request, user: User = Depends(caller)) -> Response:
@@ -257,6 +269,7 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
             model_id, entry = service.load_weights(
                 req.path, req.optimizer, model_id=req.model_id, seq_id=req.seq_id, session_id=req.session_id,
                 model_seq_id=req.model_seq_id, user_metadata=req.user_metadata, user=user,
+                on_behalf_of=token_user(request, req.weights_access_token),
             )
         return promise(entry, model_id)
 

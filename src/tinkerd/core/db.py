@@ -48,6 +48,7 @@ class SessionRow(Base):
     tags: Mapped[list] = mapped_column(JSON, default=list)
     user_metadata: Mapped[dict] = mapped_column(JSON, default=dict)
     owner: Mapped[str] = mapped_column(String, default="local")
+    project_id: Mapped[str | None] = mapped_column(String, nullable=True, default=None)  # ProjectRow.id
 
 
 class RunRow(Base):
@@ -65,6 +66,7 @@ class RunRow(Base):
     last_request_time: Mapped[dt.datetime] = mapped_column(default=utcnow)
     corrupted: Mapped[bool] = mapped_column(Boolean, default=False)
     owner: Mapped[str] = mapped_column(String, default="local")
+    project_id: Mapped[str | None] = mapped_column(String, index=True, nullable=True, default=None)  # its session's
 
 
 class CheckpointRow(Base):
@@ -101,6 +103,20 @@ class MetricRow(Base):
     key: Mapped[str] = mapped_column(String)
     value: Mapped[float] = mapped_column(Float)
     time: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ProjectRow(Base):
+    """A project (`tinkerd projects create`): its members read every run and checkpoint in it."""
+
+    __tablename__ = "projects"
+    id: Mapped[str] = mapped_column(String, primary_key=True)  # the name it was created with
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class ProjectMemberRow(Base):
+    __tablename__ = "project_members"
+    project_id: Mapped[str] = mapped_column(String, primary_key=True)
+    user: Mapped[str] = mapped_column(String, primary_key=True, index=True)  # ApiKeyRow.name
 
 
 class ApiKeyRow(Base):

@@ -6,7 +6,8 @@ server reads the table itself, through a cache that forgets each answer after
 `CACHE_SECONDS`, so a key created or revoked by another process counts within seconds.
 
 A user is a name: the owner of every session, run and checkpoint made with that user's
-key. A name has at most one key in use; revoking it and creating a new one under the same
+key, and a member of the projects that name it (core/projects.py; membership changes count
+within the same seconds). A name has at most one key in use; revoking it and creating a new one under the same
 name gives the same user (and what they own) a new key.
 """
 
@@ -23,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from tinkerd.core.access import User
-from tinkerd.core.db import ApiKeyRow, utcnow
+from tinkerd.core.db import ApiKeyRow, ProjectMemberRow, utcnow
 from tinkerd.types import NotFound, UserError
 
 KEY_PREFIX = "tml-"  # the SDK refuses any other key before it sends it
@@ -110,7 +111,9 @@ class ApiKeys:
         if cached is None or now - cached[0] >= CACHE_SECONDS:
             with self.db() as s:
                 row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == digest, ApiKeyRow.revoked_at.is_(None)))
-            cached = (now, row.id, User(row.name, bool(row.admin))) if row is not None else (now, None, None)
+                projects = frozenset(s.scalars(select(ProjectMemberRow.project_id).where(ProjectMemberRow.user == row.name))
+                                     ) if row is not None else frozenset()
+            cached = (now, row.id, User(row.name, bool(row.admin), projects)) if row is not None else (now, None, None)
             with self._lock:
                 if len(self._users) >= _MAX_CACHED:
                     self._users.clear()

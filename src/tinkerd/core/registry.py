@@ -32,6 +32,7 @@ from tinkerd.core.access import (
     User,
     checkpoints_owned_by,
     checkpoints_readable_by,
+    runs_of_readers,
     runs_owned_by,
     runs_readable_by,
 )
@@ -125,15 +126,16 @@ def find_checkpoint(s: Session, path: TinkerPath, user: User, change: bool = Fal
     """The checkpoint at `path` in session `s` if `user` may read it (and, with `change`,
     change it); NotFound when they may not read it, as if it did not exist."""
     found = s.execute(checkpoint_query(path).join(RunRow, RunRow.id == CheckpointRow.run_id, isouter=True)
-                      .add_columns(RunRow.owner)).first()
+                      .add_columns(RunRow.owner, RunRow.project_id)).first()
     if found is None:
         raise NotFound(f"checkpoint {path} does not exist")
-    row, owner = found
+    row, owner, project_id = found
     if not user.owns(owner):
-        if not row.public:
+        if not (row.public or user.reads_project(project_id)):
             raise NotFound(f"checkpoint {path} does not exist")
         if change:
-            raise NotPermitted(f"checkpoint {path} is published by another user: only its owner may change it")
+            shared = "published" if row.public else f"shared in project {project_id!r}"
+            raise NotPermitted(f"checkpoint {path} is {shared} by another user: only its owner may change it")
     return row
 
 
@@ -171,10 +173,13 @@ class Registry:
         return [RunSummary(r, latest.get((r.id, "weights")), latest.get((r.id, "sampler_weights"))) for r in runs]
 
     def list_runs(self, user: User, limit: int, offset: int, base_model: str | None = None, search: str | None = None,
-                  access_scope: str = "owned") -> tuple[list[RunSummary], int]:
+                  access_scope: str = "owned", project_id: str | None = None) -> tuple[list[RunSummary], int]:
         """Newest first: `user`'s own runs ("owned"), or every run they may see ("accessible");
-        optionally only one base model's runs, or runs whose id or base model contains `search`."""
+        optionally only one project's runs, one base model's, or runs whose id or base model
+        contains `search`."""
         q = select(RunRow).where(runs_owned_by(user) if check_scope(access_scope) == "owned" else runs_readable_by(user))
+        if project_id is not None:
+            q = q.where(RunRow.project_id == project_id)
         if base_model:
             q = q.where(RunRow.base_model == base_model)
         if search:
@@ -229,8 +234,11 @@ class Registry:
     def metric_history(self, run_id: str, user: User, after_id: int = 0) -> list[MetricRow]:
         """The run's metrics in the order they were reported; only those recorded after the
         metric `after_id` when given (so a live chart fetches each point once). Only for the
-        run's owner: publishing a checkpoint shares the checkpoint, not how it was trained."""
-        self.run_row(run_id, user)
+        run's owner and its project's members: publishing a checkpoint shares the checkpoint,
+        not how it was trained."""
+        with self.db() as s:
+            if s.scalar(select(RunRow.id).where(RunRow.id == run_id, runs_of_readers(user))) is None:
+                raise NotFound(f"unknown training run {run_id!r}")
         with self.db() as s:
             q = select(MetricRow).where(MetricRow.run_id == run_id, MetricRow.id > after_id).order_by(MetricRow.id)
             return list(s.scalars(q))

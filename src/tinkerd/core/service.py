@@ -35,6 +35,7 @@ from tinkerd.core.access import SYSTEM, User
 from tinkerd.core.db import (
     CheckpointRow,
     MetricRow,
+    ProjectRow,
     RunRow,
     SamplerRow,
     SessionRow,
@@ -212,13 +213,37 @@ class Service:
         if session_id in self.session_seen:
             self.session_seen[session_id] = asyncio.get_running_loop().time()
 
-    def create_session(self, tags: list[str], user_metadata: dict, user: User) -> str:
+    def create_session(self, tags: list[str], user_metadata: dict, user: User, project_id: str | None = None) -> str:
+        """A new session of `user`; with `project_id` (a project they are a member of), its
+        runs and checkpoints are in that project."""
         session_id = f"sess-{uuid.uuid4().hex[:16]}"
         with self.db.begin() as s:
-            s.add(SessionRow(id=session_id, tags=list(tags), user_metadata=dict(user_metadata), owner=user.name))
+            if project_id is not None:
+                self._check_project(s, project_id, user)
+            s.add(SessionRow(id=session_id, tags=list(tags), user_metadata=dict(user_metadata), owner=user.name,
+                             project_id=project_id))
         self.session_seen[session_id] = asyncio.get_running_loop().time()
         self.session_owners[session_id] = user.name
         return session_id
+
+    @staticmethod
+    def _check_project(s: Any, project_id: str, user: User) -> None:
+        """NotFound unless the project exists and `user` is a member (or an admin): a project
+        one is not in answers as one that does not exist."""
+        if not isinstance(project_id, str) or s.get(ProjectRow, project_id) is None or not user.reads_project(project_id):
+            raise NotFound(f"unknown project {project_id!r} (projects are made with `tinkerd projects create`, "
+                           "and only their members may use them)", field="project_id")
+
+    def assign_session_project(self, session_id: str, project_id: str, user: User) -> None:
+        """Move one of `user`'s sessions, with its training runs, into a project they are a member of."""
+        with self.db.begin() as s:
+            row = s.get(SessionRow, session_id)
+            if row is None or not user.owns(row.owner):
+                raise NotFound(f"unknown session {session_id!r}")
+            self._check_project(s, project_id, user)
+            row.project_id = project_id
+            for run in s.scalars(select(RunRow).where(RunRow.session_id == session_id)):
+                run.project_id = project_id
 
     def heartbeat(self, session_id: str, user: User) -> bool:
         """False when the session is gone (the SDK then stops heartbeating), or is not `user`'s."""
@@ -370,11 +395,13 @@ class Service:
     def _record_run(self, run_id: str, session_id: str, owner: str, base_model: str, spec: LoraSpec,
                     user_metadata: dict | None) -> None:
         with self.db.begin() as s:
+            session = s.get(SessionRow, session_id)
             s.merge(
                 RunRow(
                     id=run_id, session_id=session_id, owner=owner, base_model=base_model, lora_rank=spec.rank,
                     train_attn=spec.train_attn, train_mlp=spec.train_mlp, train_unembed=spec.train_unembed,
                     seed=spec.seed, user_metadata=dict(user_metadata or {}),
+                    project_id=session.project_id if session is not None else None,
                 )
             )
 
@@ -521,9 +548,16 @@ class Service:
             on_saved,
         )
 
-    def find_checkpoint(self, tinker_path: str, user: User) -> CheckpointRow:
-        """A checkpoint `user` may read: their own, or a published one."""
-        return self.registry.checkpoint(TinkerPath.parse(tinker_path), user)
+    def find_checkpoint(self, tinker_path: str, user: User, on_behalf_of: User | None = None) -> CheckpointRow:
+        """A checkpoint `user` may read: their own, their projects', or a published one; or,
+        given `on_behalf_of` (the user of a `weights_access_token`), one that user may read."""
+        path = TinkerPath.parse(tinker_path)
+        try:
+            return self.registry.checkpoint(path, user)
+        except NotFound:
+            if on_behalf_of is None:
+                raise
+            return self.registry.checkpoint(path, on_behalf_of)
 
     def load_weights(
         self,
@@ -536,12 +570,13 @@ class Service:
         user_metadata: dict | None = None,
         *,
         user: User,
+        on_behalf_of: User | None = None,
     ) -> tuple[str, FutureEntry]:
         """Create-via-load (session_id + model_seq_id) or legacy load into an existing model,
-        from a checkpoint `user` may read."""
+        from a checkpoint `user` (or `on_behalf_of`, see find_checkpoint) may read."""
         if model_id is not None:
             self._model(model_id, user)  # another user's model is unknown, whatever the path
-        row = self.find_checkpoint(path, user)
+        row = self.find_checkpoint(path, user, on_behalf_of)
         if with_optimizer and not row.has_optimizer:
             raise UserError(f"{path} has no optimizer state (only save_state checkpoints do)")
         source_run = self.registry.run_row(row.run_id, SYSTEM)  # readable through its checkpoint
