@@ -20,6 +20,7 @@ from tinkerd.api.auth import caller
 from tinkerd.api.bodies import json_body
 from tinkerd.api.sdk import types as T
 from tinkerd.core.access import User
+from tinkerd.core.copies import copy_checkpoint
 from tinkerd.core.futures import FutureEntry
 from tinkerd.core.service import Service
 from tinkerd.core.work_cap import QueueFull
@@ -272,6 +273,23 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
                 on_behalf_of=token_user(request, req.weights_access_token),
             )
         return promise(entry, model_id)
+
+    @r.post("/copy_weights")
+    async def copy_weights(request: Request, user: User = Depends(caller)) -> dict:
+        req = parse(T.CopyWeightsRequest, await json_body(request))
+        if req.destination_project_id is None:
+            raise UserError("copy_weights needs destination_project_id (copying into a session's run slot is not supported)",
+                            field="destination_project_id")
+        # RestClient sends the token as a header (kept out of its request logs); the body field works too.
+        token = request.headers.get("x-tinker-weights-access-token") or req.weights_access_token
+        reader = token_user(request, token)
+        try:
+            source = service.find_checkpoint(req.source_path, user, reader)
+        except UserError as exc:  # a malformed or unknown path, or one neither may read
+            raise type(exc)(f"source_path: {exc}", field="source_path") from None
+        path = copy_checkpoint(service.db, service.data_dir, source, req.destination_project_id, user, req.ttl_seconds,
+                               request.headers.get("x-idempotency-key"))
+        return {"tinker_path": path}
 
     # -- sampling ------------------------------------------------------------------------
 
