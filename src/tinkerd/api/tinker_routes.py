@@ -20,6 +20,7 @@ from tinkerd.api.auth import caller
 from tinkerd.api.bodies import json_body
 from tinkerd.api.sdk import types as T
 from tinkerd.core.access import User
+from tinkerd.core.completions import CompletionLogs
 from tinkerd.core.copies import copy_checkpoint
 from tinkerd.core.futures import FutureEntry
 from tinkerd.core.service import Service
@@ -125,9 +126,12 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
 
     # -- housekeeping --------------------------------------------------------------------
 
+    completions = CompletionLogs(service.futures)
+
     @r.post("/client/config")
     async def client_config() -> dict:
-        return {}
+        # Batched polling of sampling results (retrieve_futures), with server-numbered clones.
+        return {"sample_use_retrieve_futures": True, "sample_join_sampling_session": True}
 
     @r.post("/client/dynamic_config")
     async def dynamic_config() -> dict:
@@ -328,9 +332,33 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
             tenant=getattr(request.state, "tenant", ""),
         )
         entry, sequence_ids = service.sample(req.sampling_session_id, req.seq_id, sample_req, user)
+        completions.track(req.sampling_session_id, req.seq_id, entry)
         return promise(entry, sample_sequence_ids=sequence_ids)
 
+    @r.post("/join_sampling_session")
+    async def join_sampling_session(request: Request, user: User = Depends(caller)) -> dict:
+        req = parse(T.JoinSamplingSessionRequest, await json_body(request))
+        service.sampler(req.sampling_session_id, user)  # 404 for an unknown sampler, or another user's
+        return {"type": "join_sampling_session", "client_counter": completions.join(req.sampling_session_id)}
+
     # -- futures -------------------------------------------------------------------------
+
+    @r.post("/retrieve_futures")
+    async def retrieve_futures(request: Request, user: User = Depends(caller)) -> dict:
+        req = parse(T.FuturesRetrieveRequest, await json_body(request))
+        target = req.target
+        if target.cloned_sampler_id < 0:
+            raise UserError("target.cloned_sampler_id must be 0 or more", field="target.cloned_sampler_id")
+        if req.prev_cursor < 0:
+            raise UserError("prev_cursor must be 0 or more", field="prev_cursor")
+        if req.timeout is not None and req.timeout < 0:
+            raise UserError("timeout must be 0 or more seconds", field="timeout")
+        service.sampler(target.sampling_session_id, user)  # 404 for an unknown sampler, or another user's
+        hold = hold_seconds if req.timeout is None else min(req.timeout, hold_seconds)
+        done, cursor = await completions.poll(target.sampling_session_id, target.cloned_sampler_id, req.prev_cursor, hold,
+                                              list(req.retrieved_request_ids))
+        return {"completions": [{"state": "failed" if c.failed else "finished", "request_id": c.request_id} for c in done],
+                "cursor": cursor}
 
     @r.post("/retrieve_future")
     async def retrieve_future(request: Request, user: User = Depends(caller)) -> Response:

@@ -92,6 +92,12 @@ class FutureStore:
     def get(self, request_id: str) -> FutureEntry | None:
         return self._entries.get(request_id)
 
+    def forget(self, request_id: str) -> None:
+        """Drop a result the client reported as fully retrieved (core/completions.py)."""
+        entry = self._entries.get(request_id)
+        if entry is not None and entry.event.is_set():
+            del self._entries[request_id]
+
     def resolve(self, entry: FutureEntry, result: Any = None, failure: Failure | None = None) -> None:
         """Thread-safe: may be called from the engine thread."""
 
