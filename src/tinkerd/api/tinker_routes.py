@@ -24,6 +24,7 @@ from tinkerd.core.completions import CompletionLogs
 from tinkerd.core.copies import copy_checkpoint
 from tinkerd.core.futures import FutureEntry
 from tinkerd.core.service import Service
+from tinkerd.core.session_search import search_sessions
 from tinkerd.core.work_cap import QueueFull
 from tinkerd.types import AdamParams, LoraSpec, SampleRequest, SamplingParams, UserError
 
@@ -171,6 +172,11 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
     async def finish(session_id: str, user: User = Depends(caller)) -> dict:
         service.finish_session(session_id, user)
         return {}
+
+    @r.post("/sessions/search")
+    async def sessions_search(request: Request, user: User = Depends(caller)) -> dict:
+        req = parse(T.SessionSearchRequest, await json_body(request))
+        return search_sessions(service.db, req, user)
 
     @r.post("/cancel_future")
     async def cancel_future() -> dict:
