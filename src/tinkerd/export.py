@@ -173,16 +173,37 @@ def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, nam
     peft_dir = peft_dir.expanduser()
     if not (peft_dir / "adapter_config.json").is_file():
         raise AdapterError(f"{peft_dir} has no adapter_config.json: not a PEFT adapter directory")
+    db = _database(data_dir, database_url)
+    try:
+        config_file = json.loads((peft_dir / "adapter_config.json").read_text())
+    except ValueError:
+        config_file = None  # read_checkpoint_dir names what is wrong with it
+    fallback = config_file.get("base_model_name_or_path") if isinstance(config_file, dict) else None
+    base = _base_model(model, fallback, data_dir)
+    metadata = {"imported_from": str(peft_dir.resolve())}
+    return import_peft_dir(peft_dir, db, data_dir, base, owner, kind="weights", name=name or "imported",
+                           session_prefix="import", tags=["import-adapter"], metadata=metadata)
+
+
+def import_peft_dir(peft_dir: Path, db, data_dir: Path, base: ModelSource, owner: str, *, kind: str, name: str,
+                    session_prefix: str, tags: list[str], metadata: dict, project_id: str | None = None,
+                    rank: int | None = None) -> str:
+    """A PEFT LoRA directory for `base` written as checkpoint `kind`/`name` of a new finished
+    session and run of `owner` (in `project_id`); returns its tinker:// path. With `rank`, the
+    adapter must have that rank. Used by `tinkerd import-adapter` and the weights upload."""
     try:
         config, lora = read_checkpoint_dir(peft_dir, torch.device("cpu"))
     except UserError as exc:
         raise AdapterError(str(exc)) from None
     a, b = lora.a, lora.b
-    db = _database(data_dir, database_url)
-    base = _base_model(model, config.get("base_model_name_or_path"), data_dir)
+    if not a:
+        raise AdapterError("the adapter holds no LoRA weights")
     cfg = ModelConfig.from_hf(json.loads((base.path / "config.json").read_text()))
     known = set(lora_module_paths(cfg, True, True, True))
-    rank = int(config.get("r") or next(iter(a.values())).shape[0])
+    adapter_rank = int(config.get("r") or next(iter(a.values())).shape[0])
+    if rank is not None and adapter_rank != rank:
+        raise AdapterError(f"the adapter has rank r={adapter_rank}, but lora_config.rank is {rank}")
+    rank = adapter_rank
     for path in sorted(a):
         if path not in known:
             raise AdapterError(f"the adapter targets {path}, which tinkerd cannot train on {base.name} (known: attention, MLP, lm_head)")
@@ -203,24 +224,21 @@ def import_adapter(peft_dir: Path, data_dir: Path, model: str | None = None, nam
     fresh = init_lora(cfg, lora_module_paths(cfg, train_attn, train_mlp, train_unembed), rank, alpha, seed, torch.device("cpu"))
     weights = LoraWeights(a={**fresh.a, **a}, b={**fresh.b, **b}, scale=alpha / rank)
 
-    checkpoint_name = name or "imported"
     try:
-        check_checkpoint_name(checkpoint_name)
+        check_checkpoint_name(name)
     except UserError as exc:
         raise AdapterError(str(exc)) from None
-    session_id = f"import-{uuid.uuid4().hex[:16]}"
+    session_id = f"{session_prefix}-{uuid.uuid4().hex[:16]}"
     run_id = f"{session_id}:train:0"
-    path = TinkerPath(run_id, "weights", checkpoint_name)
-    directory = data_dir / "checkpoints" / run_id / "weights" / f"{checkpoint_name}@{uuid.uuid4().hex[:8]}"
+    path = TinkerPath(run_id, kind, name)
+    directory = data_dir / "checkpoints" / run_id / kind / f"{name}@{uuid.uuid4().hex[:8]}"
     directory.parent.mkdir(parents=True, exist_ok=True)
-    extra = {"train_attn": train_attn, "train_mlp": train_mlp, "train_unembed": train_unembed, "seed": seed,
-             "imported_from": str(peft_dir.resolve())}
+    extra = {"train_attn": train_attn, "train_mlp": train_mlp, "train_unembed": train_unembed, "seed": seed, **metadata}
     size = write_checkpoint_dir(directory, weights, rank, alpha, base.name, extra)
-    metadata = {"imported_from": str(peft_dir.resolve())}
     with db.begin() as s:  # files first, rows last: the checkpoint exists once this commits
-        s.add(SessionRow(id=session_id, status="finished", tags=["import-adapter"], user_metadata=metadata, owner=owner))
+        s.add(SessionRow(id=session_id, status="finished", tags=tags, user_metadata=metadata, owner=owner, project_id=project_id))
         s.add(RunRow(id=run_id, session_id=session_id, owner=owner, base_model=base.name, lora_rank=rank, train_attn=train_attn,
-                     train_mlp=train_mlp, train_unembed=train_unembed, seed=seed, user_metadata=metadata))
-        s.add(CheckpointRow(run_id=run_id, kind="weights", name=checkpoint_name, directory=str(directory), size_bytes=size,
+                     train_mlp=train_mlp, train_unembed=train_unembed, seed=seed, user_metadata=metadata, project_id=project_id))
+        s.add(CheckpointRow(run_id=run_id, kind=kind, name=name, directory=str(directory), size_bytes=size,
                             user_metadata=metadata, has_optimizer=False))
     return str(path)

@@ -15,12 +15,13 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tinkerd.api.auth import Admission, api_key_of
-from tinkerd.api.bodies import BodySizeLimit
+from tinkerd.api.bodies import SIGNED_UPLOAD_PATH, BodySizeLimit
 from tinkerd.api.console_routes import is_console_path, mount_console
 from tinkerd.api.metrics_routes import METRICS_PATH, build_metrics
 from tinkerd.api.openai_routes import build_openai_routers
 from tinkerd.api.rest_routes import SIGNED_DOWNLOAD_PATH, build_rest_router
 from tinkerd.api.tinker_routes import build_router
+from tinkerd.core.identity_tokens import IdentityTokens, looks_like_token
 from tinkerd.core.keys import ApiKeys
 from tinkerd.core.service import Service
 from tinkerd.core.work_cap import QueueFull
@@ -28,7 +29,7 @@ from tinkerd.types import UserError
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/", SIGNED_DOWNLOAD_PATH, METRICS_PATH}
+OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/", SIGNED_DOWNLOAD_PATH, SIGNED_UPLOAD_PATH, METRICS_PATH}
 
 
 def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] | None = None) -> FastAPI:
@@ -40,7 +41,8 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
 
     app = FastAPI(title="tinkerd", lifespan=lifespan)
     app.state.service = service
-    admission = app.state.admission = Admission(ApiKeys(service.db), api_keys)  # also for weights_access_token
+    admission = app.state.admission = Admission(ApiKeys(service.db), api_keys,  # also for weights_access_token
+                                                IdentityTokens(service.data_dir))
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
@@ -50,6 +52,10 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
                 return _error(401, "missing API key: send X-API-Key (or Authorization: Bearer) with a tml- key", request)
             user = admission.user_for(key)
             if user is None:
+                if looks_like_token(key):  # expired, or its key revoked: the SDK exchanges its key again
+                    response = _error(401, "invalid or expired identity token", request)
+                    response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+                    return response
                 return _error(401, admission.refusal(), request)
             request.state.user = user
             # Whose work this is, for the engine's fair sharing: a digest, so no key sits in the queue.

@@ -16,6 +16,7 @@ from fastapi import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tinkerd.core.uploads import MAX_UPLOAD_FILE_BYTES
 from tinkerd.types import UserError
 
 # The SDK cuts forward_backward calls into chunks of about 5 MB; a single datum past that
@@ -24,9 +25,15 @@ MAX_PROTOBUF_BODY_BYTES = 64 << 20
 PROTOBUF_PATHS = frozenset({"/api/v1/forward_backward"})
 # Every other body is JSON: a 128k-token prompt is ~1 MB of it.
 MAX_JSON_BODY_BYTES = 8 << 20
+# A weights upload PUTs one adapter file: it is streamed to disk by its route, which stops
+# it at the upload limit (core/uploads.py), so here only its declared length is checked.
+SIGNED_UPLOAD_PATH = "/api/v1/signed_upload"
+STREAMED_PATHS = {SIGNED_UPLOAD_PATH: MAX_UPLOAD_FILE_BYTES}
 
 
 def body_limit(path: str) -> int:
+    if path in STREAMED_PATHS:
+        return STREAMED_PATHS[path]
     return MAX_PROTOBUF_BODY_BYTES if path in PROTOBUF_PATHS else MAX_JSON_BODY_BYTES
 
 
@@ -79,6 +86,9 @@ class BodySizeLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await too_large(scope, receive, send)
+            return
+        if scope["path"] in STREAMED_PATHS:
+            await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0

@@ -9,18 +9,21 @@ Each route acts for the calling user and sees only what that user may (core/acce
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from tinkerd.api.auth import caller
-from tinkerd.api.bodies import json_body
+from tinkerd.api.bodies import SIGNED_UPLOAD_PATH, json_body
 from tinkerd.core.access import User
 from tinkerd.core.db import CheckpointRow, RunRow
 from tinkerd.core.paths import CHECKPOINT_KINDS, TinkerPath
-from tinkerd.core.registry import Forbidden, RunSummary, iso, public_metadata, tinker_path_of
+from tinkerd.core.registry import CheckpointSearch, Forbidden, RunSummary, iso, public_metadata, tinker_path_of
 from tinkerd.core.service import Service
+from tinkerd.core.uploads import WeightsUploads, check_lora_config
 from tinkerd.types import UserError
 
 SIGNED_DOWNLOAD_PATH = "/api/v1/signed_download"  # open (no API key): the signature is the credential
@@ -28,7 +31,8 @@ MAX_PAGE = 1000
 MAX_OFFSET = 1 << 40  # far past any list; SQLite's integers end at 2**63
 
 
-def checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
+def checkpoint_json(row: CheckpointRow, base_model: str | None = None) -> dict[str, Any]:
+    """`base_model`: the model of the checkpoint's run (SDK 0.39 and later show it on every checkpoint)."""
     out: dict[str, Any] = {
         "checkpoint_id": f"{row.kind}/{row.name}",
         "checkpoint_type": CHECKPOINT_KINDS[row.kind],
@@ -37,6 +41,8 @@ def checkpoint_json(row: CheckpointRow) -> dict[str, Any]:
         "size_bytes": row.size_bytes,
         "public": bool(row.public),
     }
+    if base_model is not None:
+        out["base_model"] = base_model
     metadata = public_metadata(row.user_metadata)
     if metadata:
         out["user_metadata"] = metadata
@@ -57,9 +63,9 @@ def run_json(summary: RunSummary) -> dict[str, Any]:
         "last_request_time": iso(run.last_request_time),
     }
     if summary.last_checkpoint is not None:
-        out["last_checkpoint"] = checkpoint_json(summary.last_checkpoint)
+        out["last_checkpoint"] = checkpoint_json(summary.last_checkpoint, run.base_model)
     if summary.last_sampler_checkpoint is not None:
-        out["last_sampler_checkpoint"] = checkpoint_json(summary.last_sampler_checkpoint)
+        out["last_sampler_checkpoint"] = checkpoint_json(summary.last_sampler_checkpoint, run.base_model)
     metadata = public_metadata(run.user_metadata)
     if metadata:
         out["user_metadata"] = metadata
@@ -92,8 +98,77 @@ def page(limit: int, offset: int) -> tuple[int, int]:
     return min(limit, MAX_PAGE), offset
 
 
+def sdk_version(request: Request) -> tuple[int, ...]:
+    """The tinker SDK's version from the header every SDK request carries; (0,) when absent."""
+    parts = []
+    for part in request.headers.get("x-stainless-package-version", "0").split(".")[:2]:
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts) or (0,)
+
+
+SEARCH_FIELDS = {"project_ids", "user_metadata", "checkpoint_type", "owner", "base_models", "limit", "cursor"}
+KINDS_BY_TYPE = {label: kind for kind, label in CHECKPOINT_KINDS.items()}
+
+
+def string_list(body: dict, name: str) -> list[str] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError(f"{name} must be a list of strings or null", field=name)
+    return value
+
+
+def checkpoint_search(body: Any) -> CheckpointSearch:
+    """A CheckpointSearchRequest body (SDK 0.39), checked field by field."""
+    if not isinstance(body, dict):
+        raise UserError("expected a JSON object (CheckpointSearchRequest)")
+    unknown = sorted(set(body) - SEARCH_FIELDS)
+    if unknown:
+        raise UserError(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+    search = CheckpointSearch(project_ids=string_list(body, "project_ids"), base_models=string_list(body, "base_models"))
+    metadata = body.get("user_metadata") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError("user_metadata must be an object of string values", field="user_metadata")
+    search.user_metadata = metadata
+    checkpoint_type = body.get("checkpoint_type")
+    if checkpoint_type is not None:
+        if checkpoint_type not in KINDS_BY_TYPE:
+            raise UserError(f"checkpoint_type must be one of {', '.join(KINDS_BY_TYPE)} or null, got {checkpoint_type!r}",
+                            field="checkpoint_type")
+        search.kind = KINDS_BY_TYPE[checkpoint_type]
+    owner = body.get("owner") or {"type": "own"}
+    owner_type = owner.get("type") if isinstance(owner, dict) else None
+    if owner_type not in ("own", "accessible", "user"):
+        raise UserError('owner must be {"type": "own"}, {"type": "accessible"} or {"type": "user", "owner_urns": [...]}',
+                        field="owner")
+    search.owner = owner_type
+    if owner_type == "user":
+        urns = owner.get("owner_urns")
+        if not isinstance(urns, list) or not (1 <= len(urns) <= 10) or not all(isinstance(u, str) and u for u in urns):
+            raise UserError("owner.owner_urns must list 1 to 10 owners", field="owner_urns")
+        search.owner_names = [u.rsplit(":", 1)[-1] for u in urns]  # "user:alice" or "alice": the user alice
+    limit = body.get("limit", 50)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not (1 <= limit <= 200):
+        raise UserError(f"limit must be an integer from 1 to 200, got {limit!r}", field="limit")
+    search.limit = limit
+    cursor = body.get("cursor")
+    if cursor is not None:
+        try:
+            created = dt.datetime.fromisoformat(str(cursor["last_created_at"]).replace("Z", "+00:00"))
+            if created.tzinfo is None:
+                raise ValueError("not timezone-aware")
+            search.after = (created.astimezone(dt.timezone.utc), int(cursor["last_checkpoint_uuid"]))
+        except (TypeError, KeyError, ValueError):
+            raise UserError("cursor must be a next_cursor this server returned, unchanged", field="cursor") from None
+    return search
+
+
 def build_rest_router(service: Service) -> APIRouter:
     registry = service.registry
+    uploads = WeightsUploads(registry, service.data_dir)
     r = APIRouter(prefix="/api/v1")
 
     def ckpt_path(run_id: str, kind: str, name: str) -> TinkerPath:
@@ -131,10 +206,14 @@ def build_rest_router(service: Service) -> APIRouter:
 
     # -- checkpoints ---------------------------------------------------------------------
 
+    def checkpoints_json(rows: list[CheckpointRow]) -> list[dict[str, Any]]:
+        base_models = registry.base_models_of([c.run_id for c in rows])
+        return [checkpoint_json(c, base_models.get(c.run_id)) for c in rows]
+
     @r.get("/training_runs/{run_id}/checkpoints")
     async def list_run_checkpoints(run_id: str, user: User = Depends(caller)) -> dict:
         rows, total = registry.list_checkpoints(user, run_id)
-        return {"checkpoints": [checkpoint_json(c) for c in rows], "cursor": {"offset": 0, "limit": total, "total_count": total}}
+        return {"checkpoints": checkpoints_json(rows), "cursor": {"offset": 0, "limit": total, "total_count": total}}
 
     @r.get("/checkpoints")
     async def list_user_checkpoints(limit: int = Query(100), offset: int = Query(0), access_scope: str = Query("owned"),
@@ -143,7 +222,15 @@ def build_rest_router(service: Service) -> APIRouter:
         every published one."""
         limit, offset = page(limit, offset)
         rows, total = registry.list_checkpoints(user, None, limit, offset, access_scope)
-        return {"checkpoints": [checkpoint_json(c) for c in rows], "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+        return {"checkpoints": checkpoints_json(rows), "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+
+    @r.post("/checkpoints/search")
+    async def search_checkpoints(request: Request, user: User = Depends(caller)) -> dict:
+        """SDK 0.39's search_checkpoints: filters in the body, newest first, a keyset cursor."""
+        search = checkpoint_search(await json_body(request))
+        rows, after = registry.search_checkpoints(user, search)
+        next_cursor = None if after is None else {"last_created_at": iso(after[0]), "last_checkpoint_uuid": str(after[1])}
+        return {"checkpoints": checkpoints_json(rows), "next_cursor": next_cursor}
 
     @r.delete("/training_runs/{run_id}/checkpoints/{kind}/{name}")
     async def delete_checkpoint(run_id: str, kind: str, name: str, user: User = Depends(caller)) -> dict:
@@ -181,6 +268,44 @@ def build_rest_router(service: Service) -> APIRouter:
         except Forbidden as exc:
             return JSONResponse({"detail": str(exc)}, status_code=403)
         return FileResponse(file, filename=file.name, media_type="application/octet-stream")
+
+    # -- weights uploads (SDK 0.39: external_weights_upload_start / _finish) --------------------
+
+    @r.post("/external_weights_upload_start")
+    async def external_weights_upload_start(request: Request, user: User = Depends(caller)) -> dict:
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise UserError('expected {"base_model": str, "lora_config": {...}, "destination_project_id": str | null}')
+        unknown = sorted(set(body) - {"base_model", "lora_config", "destination_project_id"})
+        if unknown:
+            raise UserError(f"unknown field(s): {', '.join(unknown)}", field=unknown[0])
+        base_model, project_id = body.get("base_model"), body.get("destination_project_id")
+        if not isinstance(base_model, str) or not base_model:
+            raise UserError("base_model (a served model's name) is required", field="base_model")
+        service.engine_for(base_model)  # a UserError naming the served models
+        if project_id is not None and (not isinstance(project_id, str) or not project_id):
+            raise UserError("destination_project_id must be a project's name or null", field="destination_project_id")
+        url_base = str(request.base_url).rstrip("/") + SIGNED_UPLOAD_PATH
+        upload_id, urls, expires = uploads.start(user, base_model, check_lora_config(body.get("lora_config")), project_id, url_base)
+        if sdk_version(request) >= (0, 40):  # 0.40 gives each URL with the headers its PUT must send
+            return {"upload_id": upload_id, "urls": {n: {"url": u, "headers": {}} for n, u in urls.items()}, "expires": iso(expires)}
+        return {"upload_id": upload_id, "urls": urls, "expires": iso(expires)}
+
+    @r.put("/signed_upload")
+    async def signed_upload(request: Request, token: str = Query(...)):
+        try:
+            size = await uploads.receive(token, request.stream())
+        except Forbidden as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=403)
+        return {"size_bytes": size}
+
+    @r.post("/external_weights_upload_finish")
+    async def external_weights_upload_finish(request: Request, user: User = Depends(caller)) -> dict:
+        body = await json_body(request)
+        upload_id = body.get("upload_id") if isinstance(body, dict) else None
+        if not isinstance(upload_id, str) or not upload_id:
+            raise UserError('expected {"upload_id": str}', field="upload_id")
+        return {"tinker_path": await asyncio.to_thread(uploads.finish, upload_id, user)}
 
     @r.post("/weights_info")
     async def weights_info(request: Request, user: User = Depends(caller)) -> dict:

@@ -20,7 +20,7 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -57,6 +57,20 @@ class RunSummary:
     run: RunRow
     last_checkpoint: CheckpointRow | None
     last_sampler_checkpoint: CheckpointRow | None
+
+
+@dataclass
+class CheckpointSearch:
+    """What a checkpoint search matches: every given filter must hold."""
+
+    owner: str = "own"  # "own": the caller's; "accessible" (or "user", with owner_names): all they may read
+    owner_names: list[str] | None = None
+    project_ids: list[str] | None = None
+    user_metadata: dict[str, str] = field(default_factory=dict)
+    kind: str | None = None  # weights | sampler_weights | external_weights
+    base_models: list[str] | None = None
+    limit: int = 50
+    after: tuple[dt.datetime, int] | None = None  # (created_at, id) of the previous page's last
 
 
 def tinker_path_of(row: CheckpointRow) -> str:
@@ -301,6 +315,45 @@ class Registry:
         row = self.checkpoint(path, user)
         return self.readable_run(row.run_id, user), row
 
+    def base_models_of(self, run_ids: list[str]) -> dict[str, str]:
+        """{run id: its base model}, for the `base_model` of each checkpoint listed."""
+        if not run_ids:
+            return {}
+        with self.db() as s:
+            return dict(s.execute(select(RunRow.id, RunRow.base_model).where(RunRow.id.in_(sorted(set(run_ids))))).all())
+
+    def search_checkpoints(self, user: User, search: CheckpointSearch) -> tuple[list[CheckpointRow], tuple[dt.datetime, int] | None]:
+        """One page, newest first, of the checkpoints `user` may read that match `search`, and
+        where the next page starts (None after the last)."""
+        if search.owner == "own":
+            visible = checkpoints_owned_by(user)
+        else:
+            visible = checkpoints_readable_by(user)
+        q = select(CheckpointRow).join(RunRow, RunRow.id == CheckpointRow.run_id).where(visible)
+        if search.owner_names is not None:
+            q = q.where(RunRow.owner.in_(search.owner_names))
+        if search.project_ids is not None:
+            hidden = [p for p in search.project_ids if not user.reads_project(p)]
+            if hidden:
+                raise NotFound(f"unknown project {hidden[0]!r}")
+            q = q.where(RunRow.project_id.in_(search.project_ids))
+        if search.kind is not None:
+            q = q.where(CheckpointRow.kind == search.kind)
+        if search.base_models is not None:
+            q = q.where(RunRow.base_model.in_(search.base_models))
+        for key, value in sorted(search.user_metadata.items()):
+            q = q.where(CheckpointRow.user_metadata[key].as_string() == value)
+        if search.after is not None:
+            created, row_id = search.after
+            q = q.where((CheckpointRow.created_at < created) | ((CheckpointRow.created_at == created) & (CheckpointRow.id < row_id)))
+        q = q.order_by(CheckpointRow.created_at.desc(), CheckpointRow.id.desc()).limit(search.limit + 1)
+        with self.db() as s:
+            rows = list(s.scalars(q))
+        if len(rows) <= search.limit:
+            return rows, None
+        rows = rows[: search.limit]
+        return rows, (aware(rows[-1].created_at), rows[-1].id)
+
     # -- sessions --------------------------------------------------------------------------
 
     def list_sessions(self, user: User, limit: int, offset: int, access_scope: str = "owned") -> list[SessionRow]:
@@ -394,6 +447,27 @@ class Registry:
         if "/" in file_name or file_name.startswith(".") or not file.is_file():
             raise NotFound(f"{file_name} is not a file of {tinker_path_of(row)}")
         return file
+
+    def sign_upload(self, upload_id: str, file_name: str, expires: dt.datetime) -> str:
+        """A token to PUT one file of one weights upload, valid until `expires` (same key as downloads;
+        the "u" claim keeps the two kinds of token apart)."""
+        body = json.dumps({"u": upload_id, "f": file_name, "e": int(expires.timestamp())}, separators=(",", ":"))
+        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+        return f"{payload}.{self._signature(payload)}"
+
+    def open_upload(self, token: str, now: dt.datetime | None = None) -> tuple[str, str]:
+        """(upload id, file name) a token lets its bearer PUT, or Forbidden."""
+        payload, _, signature = token.partition(".")
+        if not payload or not hmac.compare_digest(signature, self._signature(payload)):
+            raise Forbidden("invalid upload signature")
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            upload_id, file_name, expires = str(claims["u"]), str(claims["f"]), int(claims["e"])
+        except (ValueError, KeyError, TypeError):
+            raise Forbidden("malformed upload token") from None
+        if (now or utcnow()).timestamp() > expires:
+            raise Forbidden("this upload URL has expired; start a new upload")
+        return upload_id, file_name
 
     # -- crash recovery --------------------------------------------------------------------
 
