@@ -16,15 +16,18 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from tinkerd.api import tinker_wire as wire
-from tinkerd.api.auth import caller
+from tinkerd.api.auth import api_key_of, caller
 from tinkerd.api.bodies import json_body
 from tinkerd.api.sdk import types as T
 from tinkerd.core.access import User
 from tinkerd.core.completions import CompletionLogs
 from tinkerd.core.copies import copy_checkpoint
 from tinkerd.core.futures import FutureEntry
+from tinkerd.core.identity_tokens import ORG_ID, looks_like_token
+from tinkerd.core.keys import hash_key
 from tinkerd.core.service import Service
 from tinkerd.core.session_search import search_sessions
+from tinkerd.core.storage_usage import checkpoint_storage_usage
 from tinkerd.core.work_cap import QueueFull
 from tinkerd.types import AdamParams, LoraSpec, SampleRequest, SamplingParams, UserError
 
@@ -132,7 +135,43 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
     @r.post("/client/config")
     async def client_config() -> dict:
         # Batched polling of sampling results (retrieve_futures), with server-numbered clones.
-        return {"sample_use_retrieve_futures": True, "sample_join_sampling_session": True}
+        # JWT exchange (identity tokens: whoami reads the caller from one); batched polling of
+        # sampling results (retrieve_futures), with server-numbered clones.
+        return {"pjwt_auth_enabled": True, "sample_use_retrieve_futures": True, "sample_join_sampling_session": True}
+
+    # -- identity --------------------------------------------------------------------------
+
+    def presented_key(request: Request) -> str:
+        """The API key itself (not an identity token) of a request, for the routes about keys."""
+        key = api_key_of(request) or ""
+        if looks_like_token(key):
+            raise UserError("send the API key itself (X-API-Key: tml-...), not an identity token", field="X-API-Key")
+        return key
+
+    @r.post("/auth/token")
+    async def auth_token(request: Request, user: User = Depends(caller)) -> dict:
+        return {"jwt": request.app.state.admission.tokens.issue(user.name, hash_key(presented_key(request)))}
+
+    @r.get("/auth/apikey/me")
+    async def my_api_key(request: Request, user: User = Depends(caller)) -> dict:
+        key_id = request.app.state.admission.keys.key_id(presented_key(request))
+        return {
+            "key_id": key_id or 0,  # 0: a --api-key key, or any tml- key of a server without keys
+            "name": user.name,
+            "note": "",
+            # tinkerd knows users by name only: the name stands in for the email the CLI prints
+            "details": {"org_details": {"name": ORG_ID}, "user_details": {"email": user.name}},
+        }
+
+    @r.delete("/auth/apikey/me")
+    async def delete_my_api_key(request: Request, user: User = Depends(caller)) -> dict:
+        key = presented_key(request)
+        keys = request.app.state.admission.keys
+        if keys.key_id(key) is None:
+            raise UserError("this key was not made with `tinkerd keys create` and cannot be deleted here "
+                            "(a --api-key key, or any tml- key of a server without keys)", field="X-API-Key")
+        keys.revoke_key(key)
+        return {}
 
     @r.post("/client/dynamic_config")
     async def dynamic_config() -> dict:
@@ -181,6 +220,10 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
     @r.post("/cancel_future")
     async def cancel_future() -> dict:
         return {}
+
+    @r.get("/billing/usage/checkpoints/current")
+    async def checkpoint_storage(project_id: str | None = None, user: User = Depends(caller)) -> dict:
+        return checkpoint_storage_usage(service.db, user, project_id)
 
     # -- models and training -------------------------------------------------------------
 

@@ -105,7 +105,24 @@ class ApiKeys:
 
     def user_for(self, key: str) -> User | None:
         """The user of a key in use, or None (unknown or revoked)."""
-        digest = hash_key(key)
+        return self.user_for_hash(hash_key(key))
+
+    def key_id(self, key: str) -> int | None:
+        """The id of a key in use (what `tinker auth login` stores it under), or None."""
+        with self.db() as s:
+            return s.scalar(select(ApiKeyRow.id).where(ApiKeyRow.key_hash == hash_key(key), ApiKeyRow.revoked_at.is_(None)))
+
+    def revoke_key(self, key: str) -> None:
+        """Revoke this one key (`tinker auth logout` deletes the key it logged in with)."""
+        with self.db.begin() as s:
+            row = s.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == hash_key(key), ApiKeyRow.revoked_at.is_(None)))
+            if row is None:
+                raise NotFound("this API key is not in use")
+            row.revoked_at = utcnow()
+        self._users.pop(hash_key(key), None)
+
+    def user_for_hash(self, digest: str) -> User | None:
+        """The user of the key in use whose hash is `digest` (an identity token names its key so)."""
         now = self._clock()
         cached = self._users.get(digest)
         if cached is None or now - cached[0] >= CACHE_SECONDS:
