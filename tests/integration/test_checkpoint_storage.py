@@ -1,15 +1,18 @@
-"""Checkpoint storage in use, through the unmodified SDK (AdminClient) and the `tinker billing
-checkpoint-storage` CLI: real byte counts from the checkpoints table, per project and owner,
-only what the caller may read, and no prices.
+"""Checkpoint storage in use and the audit log of checkpoint events, through the unmodified SDK
+(AdminClient) and the `tinker billing checkpoint-storage` CLI: real byte counts from the
+checkpoints table, per project and owner, only what the caller may read, and no prices; each
+create, publish, unpublish, delete and expiry logged once, seen by the users who may read it.
 
 alice and bob are in project `lab`; carol is not.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
+import time
 
 import httpx
 import pytest
@@ -81,3 +84,44 @@ def test_other_users_see_only_what_they_may_read(lab, tmp_path):
     refused = httpx.get(srv.base_url + "/api/v1/billing/usage/checkpoints/current", params={"project_id": "lab"},
                         headers={"X-API-Key": keys["carol"]}, timeout=30)
     assert refused.status_code == 404 and "lab" in refused.json()["detail"]
+
+
+def events(srv: Server, key: str, **params) -> list[tinker.types.AuditLogEntry]:
+    return tinker.AdminClient(base_url=srv.base_url, api_key=key).get_audit_log(**params).result().entries
+
+
+def test_the_audit_log_records_each_checkpoint_event(lab):
+    srv, keys = lab
+    alice = tinker.ServiceClient(base_url=srv.base_url, api_key=keys["alice"])
+    rest = alice.create_rest_client()
+    path = alice.create_lora_training_client(base_model=MODEL_NAME, rank=2, seed=3).save_weights_for_sampler("logged").result().path
+    rest.publish_checkpoint_from_tinker_path(path).result()
+    rest.publish_checkpoint_from_tinker_path(path).result()  # no change: no event
+    rest.unpublish_checkpoint_from_tinker_path(path).result()
+    doomed = alice.create_lora_training_client(base_model=MODEL_NAME, rank=2, seed=4).save_state("doomed").result().path
+    rest.delete_checkpoint_from_tinker_path(doomed).result()
+    expiring = alice.create_lora_training_client(base_model=MODEL_NAME, rank=2, seed=5).save_state("brief").result().path
+    rest.set_checkpoint_ttl_from_tinker_path(expiring, 1).result()
+
+    deadline = time.time() + 120  # the janitor passes every few seconds
+    while not any(e.event == "checkpoint_expire" for e in events(srv, keys["alice"])):
+        assert time.time() < deadline, "the expired checkpoint was never logged"
+        time.sleep(0.5)
+    log = [(e.event, e.tinker_path) for e in events(srv, keys["alice"]) if e.tinker_path in (path, doomed, expiring)]
+    assert log == [("checkpoint_create", path), ("checkpoint_publish", path), ("checkpoint_unpublish", path),
+                   ("checkpoint_create", doomed), ("checkpoint_delete", doomed),
+                   ("checkpoint_create", expiring), ("checkpoint_expire", expiring)]
+    entry = next(e for e in events(srv, keys["alice"]) if e.event == "checkpoint_delete")
+    assert entry.event_details["actor"] == "alice" and entry.event_details["owner"] == "alice"
+    assert next(e for e in events(srv, keys["alice"]) if e.event == "checkpoint_expire").event_details["actor"] == "(system)"
+
+    # bob sees the events of the project's checkpoints only; carol none; other days and kinds are empty
+    assert {e.event_details["project_id"] for e in events(srv, keys["bob"])} == {"lab"}
+    assert events(srv, keys["carol"]) == []
+    assert events(srv, keys["alice"], day=dt.date(2020, 1, 1)) == []
+    assert events(srv, keys["alice"], event_type="projects") == []
+    bad = httpx.get(srv.base_url + "/api/v1/audit", params={"event_type": "everything"}, headers={"X-API-Key": keys["alice"]},
+                    timeout=30)
+    assert bad.status_code == 400 and "event_type" in bad.json()["detail"]
+    bad_day = httpx.get(srv.base_url + "/api/v1/audit", params={"day": "monday"}, headers={"X-API-Key": keys["alice"]}, timeout=30)
+    assert bad_day.status_code == 400 and "day" in bad_day.json()["detail"]

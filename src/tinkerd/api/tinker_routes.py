@@ -20,6 +20,7 @@ from tinkerd.api.auth import api_key_of, caller
 from tinkerd.api.bodies import json_body
 from tinkerd.api.sdk import types as T
 from tinkerd.core.access import User
+from tinkerd.core.audit import audit_log
 from tinkerd.core.completions import CompletionLogs
 from tinkerd.core.copies import copy_checkpoint
 from tinkerd.core.futures import FutureEntry
@@ -224,6 +225,10 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
     @r.get("/billing/usage/checkpoints/current")
     async def checkpoint_storage(project_id: str | None = None, user: User = Depends(caller)) -> dict:
         return checkpoint_storage_usage(service.db, user, project_id)
+
+    @r.get("/audit")
+    async def audit(event_type: str = "all", day: str | None = None, user: User = Depends(caller)) -> dict:
+        return audit_log(service.db, user, event_type, day)
 
     # -- models and training -------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
+from tinkerd.core import audit
 from tinkerd.core.access import User
 from tinkerd.core.db import CheckpointRow, ProjectRow, RunRow, SessionRow, utcnow
 from tinkerd.core.paths import TinkerPath
@@ -96,10 +97,13 @@ def copy_checkpoint(db: sessionmaker, data_dir: Path, source: CheckpointRow, des
                          lora_rank=source_run.lora_rank, train_attn=source_run.train_attn, train_mlp=source_run.train_mlp,
                          train_unembed=source_run.train_unembed, seed=source_run.seed, user_metadata=origin,
                          project_id=destination_project_id))
-            s.add(CheckpointRow(run_id=run_id, kind=source.kind, name=source.name, directory=str(directory),
+            row = CheckpointRow(run_id=run_id, kind=source.kind, name=source.name, directory=str(directory),
                                 size_bytes=source.size_bytes, has_optimizer=source.has_optimizer,
                                 user_metadata={**metadata, "_cache_key": f"{path}@{row_id}" if source.kind == "sampler_weights" else ""},
-                                expires_at=utcnow() + dt.timedelta(seconds=ttl_seconds) if ttl_seconds else None))
+                                expires_at=utcnow() + dt.timedelta(seconds=ttl_seconds) if ttl_seconds else None)
+            s.add(row)
+            s.flush()  # the run must be there for the audit event to name its owner and project
+            audit.record(s, "create", row, user.name, size_bytes=source.size_bytes, copied_from=tinker_path_of(source))
     except IntegrityError:  # the same copy, made at the same time by a concurrent retry
         shutil.rmtree(directory, ignore_errors=True)
         with db() as s:

@@ -119,6 +119,21 @@ class ProjectMemberRow(Base):
     user: Mapped[str] = mapped_column(String, primary_key=True, index=True)  # ApiKeyRow.name
 
 
+class AuditEventRow(Base):
+    """One event of the audit log (core/audit.py): a checkpoint created, published,
+    unpublished, deleted or expired."""
+
+    __tablename__ = "audit_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[dt.datetime] = mapped_column(default=utcnow, index=True)
+    event: Mapped[str] = mapped_column(String)  # checkpoint_create | _publish | _unpublish | _delete | _expire
+    actor: Mapped[str] = mapped_column(String)  # the user who did it; "(system)" for the janitor
+    owner: Mapped[str] = mapped_column(String)  # the checkpoint's owner
+    project_id: Mapped[str | None] = mapped_column(String, nullable=True, default=None)
+    tinker_path: Mapped[str] = mapped_column(String)
+    details: Mapped[dict] = mapped_column(JSON, default=dict)
+
+
 class ApiKeyRow(Base):
     """One key of one user (`tinkerd keys create`): only its hash is stored (core/keys.py)."""
 

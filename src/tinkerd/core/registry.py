@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from tinkerd.core import audit
 from tinkerd.core.access import (
     NotPermitted,
     User,
@@ -289,6 +290,7 @@ class Registry:
         with self.db.begin() as s:
             row = find_checkpoint(s, path, user, change=True)
             directory = row.directory
+            audit.record(s, "delete", row, user.name)
             s.delete(row)
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -296,7 +298,10 @@ class Registry:
         # Idempotent: production answers 409 when nothing changes, but the SDK retries 409
         # for five minutes before it gives up, which looks like a hang.
         with self.db.begin() as s:
-            find_checkpoint(s, path, user, change=True).public = public
+            row = find_checkpoint(s, path, user, change=True)
+            if bool(row.public) != public:  # only a change is an event
+                audit.record(s, "publish" if public else "unpublish", row, user.name)
+            row.public = public
 
     def set_ttl(self, path: TinkerPath, ttl_seconds: int | None, user: User) -> dt.datetime | None:
         """Expire `ttl_seconds` from now (None: never). The janitor deletes expired checkpoints."""

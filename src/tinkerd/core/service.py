@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
-from tinkerd.core import sampling
+from tinkerd.core import audit, sampling
 from tinkerd.core.access import SYSTEM, User
 from tinkerd.core.db import (
     CheckpointRow,
@@ -202,6 +202,7 @@ class Service:
         with self.db.begin() as s:
             rows = [r for r in s.scalars(select(CheckpointRow).where(CheckpointRow.expires_at.is_not(None))) if aware(r.expires_at) <= now]
             for row in rows:
+                audit.record(s, "expire", row, SYSTEM.name, expired_at=aware(row.expires_at).isoformat())
                 s.delete(row)
         for row in rows:  # after the commit: a crash in between leaves an orphan dir, never a listed checkpoint without files
             shutil.rmtree(row.directory, ignore_errors=True)
@@ -527,13 +528,13 @@ class Service:
                     replaced_dirs.append(old.directory)
                     s.delete(old)
                     s.flush()
-                s.add(
-                    CheckpointRow(
-                        run_id=model_id, kind=kind, name=name, directory=str(directory), size_bytes=size,
-                        user_metadata={**(user_metadata or {}), "_cache_key": sampler_key or ""},
-                        expires_at=expires, has_optimizer=with_optimizer,
-                    )
+                row = CheckpointRow(
+                    run_id=model_id, kind=kind, name=name, directory=str(directory), size_bytes=size,
+                    user_metadata={**(user_metadata or {}), "_cache_key": sampler_key or ""},
+                    expires_at=expires, has_optimizer=with_optimizer,
                 )
+                s.add(row)
+                audit.record(s, "create", row, user.name, size_bytes=size, replaced=old is not None)
                 self._note_last_request(s, model_id)
             for old_dir in replaced_dirs:
                 if old_dir != str(directory):
