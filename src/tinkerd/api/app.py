@@ -59,7 +59,9 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
                 return _error(401, admission.refusal(), request)
             request.state.user = user
             # Whose work this is, for the engine's fair sharing: a digest, so no key sits in the queue.
-            request.state.tenant = hashlib.sha256(key.encode()).hexdigest()[:16]
+            # An identity token counts as the key it was issued for (tokens change at each refresh).
+            key_hash = admission.tokens.key_hash_of(key) if looks_like_token(key) else None
+            request.state.tenant = (key_hash or hashlib.sha256(key.encode()).hexdigest())[:16]
         return await call_next(request)
 
     # Added after `authenticate`, so it runs around it and counts refused requests too.
