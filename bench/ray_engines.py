@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+from collections.abc import Callable
 
 from bench.common import Context, Target, close_quietly, log, median, row, stopwatch, time_in_turns
 from bench.sampling import make_prompts, sdk_sample_concurrently
@@ -64,12 +65,16 @@ def run(ctx: Context, smoke: bool) -> dict:
             sdk_sample_concurrently(samplers[name], prompts[:2], 2)
             sdk_step(trainers[name], datums)
 
+        def progress(what: str) -> Callable[[int, dict[str, list[float]]], None]:
+            return lambda round_index, step_s: log(f"{what} round {round_index + 1}: " + ", ".join(
+                f"{name} {median(s):.2f} s" for name, s in step_s.items()))
+
         sampled_tokens = cfg["requests"] * cfg["new_tokens"]
         sample_s = time_in_turns({name: lambda name=name: sdk_sample_concurrently(samplers[name], prompts, cfg["new_tokens"])
-                                  for name in services}, cfg["rounds"], cfg["steps"])
+                                  for name in services}, cfg["rounds"], cfg["steps"], progress("sampling"))
         trained_tokens = cfg["batch"] * cfg["seq_len"]
         train_s = time_in_turns({name: lambda name=name: sdk_step(trainers[name], datums) for name in services},
-                                cfg["rounds"], cfg["steps"])
+                                cfg["rounds"], cfg["steps"], progress("training"))
     finally:
         for sc in services.values():
             close_quietly(sc)
