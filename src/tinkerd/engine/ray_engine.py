@@ -430,7 +430,8 @@ def connect(address: str) -> None:
     except AuthenticationError as exc:
         raise RayClusterError(f"the Ray cluster at {address} refused tinkerd: {exc}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise RayClusterError(f"cannot join the Ray cluster at {address}: {exc}") from None
+        raise RayClusterError(f"cannot join the Ray cluster at {address}: {exc} (a refused token shows in "
+                              "Ray's log lines above)") from None
 
 
 def actor_environment(threads: int) -> dict:
