@@ -7,33 +7,17 @@ tinker:// path the 0.38 SDK then samples. Two users with keys: bob sees none of 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 import tinker
+from test_cross_user import create_key, datum
 from tinker import types
 
-from tinkerd_testing import MODEL_NAME, REPO, Server
+from tinkerd_testing import MODEL_NAME, Server
 
 PROMPT = "Q: What is two plus two?\nA: Four."
-
-
-def create_key(data_dir: Path, name: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, "-m", "tinkerd.cli", "keys", "create", "--name", name, "--data-dir", str(data_dir)],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
-
-
-def datum(tokenizer, text: str) -> types.Datum:
-    ids = tokenizer.encode(text)
-    return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),
-                       loss_fn_inputs={"target_tokens": ids[1:], "weights": [1.0] * (len(ids) - 1)})
 
 
 @pytest.fixture(scope="module")

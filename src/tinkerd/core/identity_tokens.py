@@ -18,10 +18,10 @@ import base64
 import hashlib
 import hmac
 import json
-import os
-import secrets
 import time
 from pathlib import Path
+
+from tinkerd.core.secret_file import read_or_create_secret
 
 SIGNING_KEY_FILE = "jwt-signing.key"
 LIFETIME_SECONDS = 3600
@@ -39,28 +39,6 @@ def _unb64(text: str) -> bytes:
 
 def looks_like_token(credential: str) -> bool:
     return credential.startswith("eyJ") and credential.count(".") == 2
-
-
-def read_or_create_secret(file: Path) -> bytes:
-    """32 random bytes kept in `file`, created once (0600); the first writer wins, even
-    against a concurrent process."""
-    try:
-        return file.read_bytes()
-    except FileNotFoundError:
-        pass
-    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secrets.token_bytes(32))
-        fh.flush()
-        os.fsync(fh.fileno())
-    try:
-        os.link(tmp, file)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return file.read_bytes()
 
 
 class IdentityTokens:

@@ -17,8 +17,6 @@ import errno
 import hashlib
 import hmac
 import json
-import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,7 @@ from tinkerd.core.access import (
 )
 from tinkerd.core.db import CheckpointRow, MetricRow, RunRow, SamplerRow, SessionRow, aware, utcnow
 from tinkerd.core.paths import CHECKPOINT_KINDS, TinkerPath
+from tinkerd.core.secret_file import read_or_create_secret
 from tinkerd.types import NotFound, UserError
 
 MAX_TTL_SECONDS = 10 * 365 * 24 * 3600  # the SDK documents "up to 10 years"
@@ -385,24 +384,7 @@ class Registry:
 
     def _signing_key(self) -> bytes:
         """A random secret per data dir, created once (0600), so URLs survive restarts."""
-        key_file = self.data_dir / SIGNING_KEY_FILE
-        try:
-            return key_file.read_bytes()
-        except FileNotFoundError:
-            pass
-        tmp = key_file.with_name(f".{key_file.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(secrets.token_bytes(32))
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, key_file)  # first writer wins, even against a concurrent process
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-        return key_file.read_bytes()
+        return read_or_create_secret(self.data_dir / SIGNING_KEY_FILE)
 
     def _signature(self, payload: str) -> str:
         digest = hmac.new(self._signing_key(), payload.encode(), hashlib.sha256).digest()

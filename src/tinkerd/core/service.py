@@ -638,8 +638,20 @@ class Service:
     def sampler(self, sampler_id: str, user: User) -> SamplerState:
         state = self.samplers.get(sampler_id)
         if state is None or not user.owns(state.owner):
-            raise NotFound(f"unknown sampling session {sampler_id!r} (never created, or its session ended)")
+            raise NotFound(self._gone_sampler_message(sampler_id, user))
         return state
+
+    def _gone_sampler_message(self, sampler_id: str, user: User) -> str:
+        """Why a sampler is not live: unknown, or (to its owner) how its session ended."""
+        with self.db() as s:
+            found = s.execute(select(SessionRow.owner, SessionRow.status).join(SamplerRow, SamplerRow.session_id == SessionRow.id)
+                              .where(SamplerRow.id == sampler_id)).first()
+        if found is None or not user.owns(found[0]) or found[1] == "active":
+            return f"unknown sampling session {sampler_id!r} (never created, or its session ended)"
+        why = ("the server restarted, or its client stopped sending heartbeats" if found[1] == "expired"
+               else "its client finished the session")
+        return (f"sampling session {sampler_id!r} has ended: {why}, and its requests in flight ended with it; "
+                "create a new sampling client")
 
     def get_sampler(self, sampler_id: str, user: User) -> SamplerRow:
         """A sampler's record, for its session's owner."""
