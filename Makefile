@@ -27,7 +27,7 @@ serve: $(STAMP)
 # The whole suite, with the cookbook acceptance tier (tests/acceptance): ~4 min more on a
 # quiet 2-core box, plus ~2.5 min to build its venv the first time. test-fast leaves it out.
 test: $(STAMP) browser
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not acceptance and not fuzz" tests
