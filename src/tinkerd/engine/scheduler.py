@@ -81,6 +81,8 @@ class Scheduler:
         # Seconds of decoding owed to sample rows for the training passes run while they
         # waited: a pass runs only when nothing is owed (or no row is decoding).
         self._decode_owed = 0.0
+        self._last_pass_s = 0.0  # how long the latest training pass took
+        self._window_given = False  # whether arrivals since that pass got their decode window
         self.admit_quiet_s, self.admit_max_s = ADMIT_QUIET_S, ADMIT_MAX_S
         self.trainer: Trainer
         self.sampler: Sampler
@@ -152,6 +154,9 @@ class Scheduler:
                 new_samples = list(self._new_samples)
                 self._new_samples.clear()
             if self._training is not None:
+                if new_samples:  # before the next pass, so they decode first (_admit)
+                    self._admit(new_samples)
+                    new_samples = []
                 if not sampler.rows or self._decode_owed <= 0:
                     self._training_pass()
             elif job is not None and job.call is not None:
@@ -164,17 +169,7 @@ class Scheduler:
                         log.exception("engine job failed")
                     job.future.set_exception(exc)
             if new_samples:
-                try:
-                    with torch.inference_mode():
-                        waiting = sampler.admit(new_samples)
-                    if waiting:  # past the KV budget: first in line again once rows finish
-                        with self._cv:
-                            self._new_samples.extendleft(reversed(waiting))
-                except BaseException as exc:  # noqa: BLE001 - admission fails each request alone; this is a last resort
-                    log.exception("admitting samples failed")
-                    for item in new_samples:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
+                self._admit(new_samples)
             if sampler.rows:
                 started = time.perf_counter()
                 try:
@@ -187,6 +182,26 @@ class Scheduler:
                 self._decode_owed -= time.perf_counter() - started
             if self._training is None or not sampler.rows:
                 self._decode_owed = 0.0
+
+    def _admit(self, new_samples: list[PendingSample]) -> None:
+        sampler = self.sampler
+        try:
+            with torch.inference_mode():
+                waiting = sampler.admit(new_samples)
+            if waiting:  # past the KV budget: first in line again once rows finish
+                with self._cv:
+                    self._new_samples.extendleft(reversed(waiting))
+        except BaseException as exc:  # noqa: BLE001 - admission fails each request alone; this is a last resort
+            log.exception("admitting samples failed")
+            for item in new_samples:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+        if self._training is not None and not self._window_given:
+            # Arrivals during a large batch decode for as long as a pass takes before the next
+            # pass, so a short request finishes without waiting for it; once per pass, so a
+            # steady stream of arrivals cannot hold the training back.
+            self._decode_owed = max(self._decode_owed, self._last_pass_s)
+            self._window_given = True
 
     def _next_job(self) -> _Job | None:
         """(With `_cv` held.) The next job to run: a barrier at the head of the queue, else
@@ -283,5 +298,7 @@ class Scheduler:
             for job in training.jobs:
                 job.future.set_exception(exc)
         finally:
+            self._last_pass_s = time.perf_counter() - started
+            self._window_given = False
             if self.sampler.rows:
-                self._decode_owed += time.perf_counter() - started
+                self._decode_owed += self._last_pass_s
