@@ -92,7 +92,7 @@ def run(ctx: Context, smoke: bool) -> dict:
         start = time.perf_counter()
         futures = flood()
         busy = user_b.submit(lone_latencies, *lone_args, False).result()
-        flood_running = not all(f.done() for f in futures)  # B's requests were all timed beside it
+        flood_running = not all(f.future().done() for f in futures)  # B's requests were all timed beside it
         for future in futures:
             future.result()
         flood_shared_s = time.perf_counter() - start
@@ -114,7 +114,7 @@ def run(ctx: Context, smoke: bool) -> dict:
         start = time.perf_counter()
         futures = train_calls()
         beside_training = user_b.submit(lone_latencies, *lone_args, False).result()
-        training_running = not all(f.done() for f in futures)
+        training_running = not all(f.future().done() for f in futures)
         for future in futures:
             future.result()
         training_shared_s = time.perf_counter() - start
