@@ -57,7 +57,9 @@ OPERATIONS = {
     "train": 4, "sample_sdk": 4, "sample_openai": 3, "hang_up": 1, "save_state": 1, "save_sampler": 1,
     "save_sampler_ttl": 0.5, "delete": 0.5, "publish": 0.2, "probe_other_user": 0.8,
 }
-STATE_LOST_MARKERS = ("unknown model_id", "unknown or expired session", "unknown sampling session", "unknown session")
+STATE_LOST_MARKERS = ("unknown model_id", "unknown or expired session", "unknown sampling session", "unknown session",
+                      "has ended: the server restarted")
+RESTART_MARKERS = ("restarted while it ran", "has ended: the server restarted")
 
 
 @dataclass
@@ -311,7 +313,7 @@ class SoakClient:
         text = str(exc)
         if is_connection_error(exc) and self.outage.overlaps(started, time.time()):
             return "connection error while the server was down"
-        if "restarted while it ran" in text and self.outage.killed_at is not None and started <= (self.outage.ready_at or time.time()):
+        if any(m in text for m in RESTART_MARKERS) and self.outage.killed_at is not None and started <= (self.outage.ready_at or time.time()):
             return "request in flight at the kill, failed after the restart"
         if epoch < self.outage.epoch and is_not_found(exc) and any(m in text for m in STATE_LOST_MARKERS):
             return "session state of the killed process reported unknown"
