@@ -11,22 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 
 from tinkerd.api.auth import caller
 from tinkerd.api.bodies import SIGNED_UPLOAD_PATH, json_body
 from tinkerd.core.access import User
-from tinkerd.core.db import CheckpointRow, RunRow
+from tinkerd.core.db import CheckpointRow, RunRow, utcnow
 from tinkerd.core.paths import CHECKPOINT_KINDS, TinkerPath
-from tinkerd.core.registry import CheckpointSearch, Forbidden, RunSummary, iso, public_metadata, tinker_path_of
+from tinkerd.core.registry import (
+    DOWNLOAD_URL_LIFETIME,
+    CheckpointSearch,
+    Forbidden,
+    RunSummary,
+    iso,
+    public_metadata,
+    tinker_path_of,
+)
 from tinkerd.core.service import Service
 from tinkerd.core.uploads import WeightsUploads, check_lora_config
 from tinkerd.types import UserError
 
 SIGNED_DOWNLOAD_PATH = "/api/v1/signed_download"  # open (no API key): the signature is the credential
+SIGNED_TRACE_PATH = "/api/v1/signed_trace"  # open, as above: a session's trace (`tinker session export-trace`)
 MAX_PAGE = 1000
 MAX_OFFSET = 1 << 40  # far past any list; SQLite's integers end at 2**63
 
@@ -341,5 +351,24 @@ def build_rest_router(service: Service) -> APIRouter:
         if metadata:
             out["user_metadata"] = metadata
         return out
+
+    @r.get("/sessions/{session_id}/trace_export")
+    async def trace_export(session_id: str, request: Request, user: User = Depends(caller)) -> dict:
+        """A signed URL of the session's trace (docs/wire-protocol.md §2.4). The trace is built
+        from memory when the URL is fetched, so it is ready at once: the SDK need not poll."""
+        registry.session(session_id, user)  # NotFound unless the caller owns it
+        token = registry.sign_trace(session_id, utcnow() + DOWNLOAD_URL_LIFETIME)
+        return {"status": "ready", "url": str(request.base_url).rstrip("/") + f"{SIGNED_TRACE_PATH}?token={token}"}
+
+    @r.get("/signed_trace")
+    async def signed_trace(token: str = Query(...)):
+        try:
+            session_id = registry.open_trace(token)
+        except Forbidden as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=403)
+        trace = await asyncio.to_thread(service.traces.chrome_trace, session_id)  # up to 10,000 requests: off the loop
+        body = json.dumps(trace, separators=(",", ":")).encode()
+        return Response(body, media_type="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="{session_id}.json"'})
 
     return r

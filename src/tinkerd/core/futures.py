@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tinkerd.core.traces import RequestSpan, SessionTraces, TraceTag
+
 DELIVERED_RETENTION_S = 300.0
 UNCLAIMED_RETENTION_S = 3600.0
 _SWEEP_EVERY_S = 10.0
@@ -43,10 +45,17 @@ class FutureEntry:
     resolved_at: float | None = None
     delivered_at: float | None = None  # first time a poll received the result
     owner: str | None = None  # the user whose queued work this is (core/work_cap.py counts it)
+    # For the session's trace (core/traces.py): what it calls this request (None: not traced),
+    # and when the engine began and ended its work (time.monotonic()).
+    trace: TraceTag | None = None
+    started: float | None = None
+    computed: float | None = None
 
 
 class FutureStore:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, traces: SessionTraces | None = None) -> None:
+        """`traces`: where a traced entry's span goes once it resolves."""
+        self.traces = traces
         self._entries: dict[str, FutureEntry] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._clock = clock
@@ -102,7 +111,8 @@ class FutureStore:
         """Thread-safe: may be called from the engine thread."""
 
         def _set() -> None:
-            if entry.owner is not None and not entry.event.is_set():
+            first = not entry.event.is_set()
+            if entry.owner is not None and first:
                 left = self._pending_by_owner.get(entry.owner, 1) - 1
                 if left > 0:
                     self._pending_by_owner[entry.owner] = left
@@ -112,6 +122,11 @@ class FutureStore:
             entry.failure = failure
             entry.resolved_at = self._clock()
             entry.event.set()
+            if first and self.traces is not None and entry.trace is not None and entry.session_id is not None:
+                self.traces.record(entry.session_id, RequestSpan(
+                    entry.trace, entry.request_id, entry.created, entry.started, entry.computed, entry.resolved_at,
+                    failure.message if failure is not None else None,
+                ))
 
         if self._loop is None:
             _set()

@@ -456,6 +456,27 @@ class Registry:
             raise Forbidden("this upload URL has expired; start a new upload")
         return upload_id, file_name
 
+    def sign_trace(self, session_id: str, expires: dt.datetime) -> str:
+        """A token to download one session's trace, valid until `expires` (same key as downloads;
+        the "s" claim keeps it apart from the other kinds of token)."""
+        body = json.dumps({"s": session_id, "e": int(expires.timestamp())}, separators=(",", ":"))
+        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+        return f"{payload}.{self._signature(payload)}"
+
+    def open_trace(self, token: str, now: dt.datetime | None = None) -> str:
+        """The session whose trace a token lets its bearer download, or Forbidden."""
+        payload, _, signature = token.partition(".")
+        if not payload or not hmac.compare_digest(signature, self._signature(payload)):
+            raise Forbidden("invalid trace download signature")
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            session_id, expires = str(claims["s"]), int(claims["e"])
+        except (ValueError, KeyError, TypeError):
+            raise Forbidden("malformed trace download token") from None
+        if (now or utcnow()).timestamp() > expires:
+            raise Forbidden("this trace URL has expired; run `tinker session export-trace` again")
+        return session_id
+
     # -- crash recovery --------------------------------------------------------------------
 
     def remove_orphan_files(self) -> list[Path]:

@@ -20,6 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 import shutil
+import time
 import uuid
 import weakref
 from collections.abc import Callable
@@ -49,7 +50,9 @@ from tinkerd.core.paths import TinkerPath, check_checkpoint_name
 from tinkerd.core.provenance import SequenceRecord, StabilityStore, check_tiling, stability_for_datum
 from tinkerd.core.registry import MAX_TTL_SECONDS, Registry, check_checkpoint_files, checkpoint_query, disk_full_message
 from tinkerd.core.sampling import SampleTarget, Sampling
+from tinkerd.core.traces import RequestSpan, SessionTraces, TraceTag
 from tinkerd.core.work_cap import DEFAULT_MAX_QUEUED_PER_USER, WorkCap
+from tinkerd.engine.client import started_at
 from tinkerd.types import (
     AdamParams,
     AdapterRef,
@@ -133,7 +136,8 @@ class Service:
         self.db = open_database(database_url or default_database_url(data_dir))
         self.registry = Registry(self.db, data_dir)
         self.sampling = Sampling(engines, self.adapter_for_path)
-        self.futures = FutureStore()
+        self.traces = SessionTraces()  # what each session's requests did when (`tinker session export-trace`)
+        self.futures = FutureStore(traces=self.traces)
         self.work = WorkCap(max_queued_per_user, self.futures)
         self.models: dict[str, ModelState] = {}
         self.samplers: dict[str, SamplerState] = {}
@@ -305,7 +309,12 @@ class Service:
                     log.exception("request %s failed", entry.request_id)
                 self.futures.resolve(entry, failure=failure_from_exception(exc))
 
-        future.add_done_callback(lambda f: self._bookkeeping.submit(complete, f))
+        def engine_done(f: Future) -> None:
+            if unresolved:  # the times the session's trace shows (core/traces.py)
+                unresolved[0].started, unresolved[0].computed = started_at(f), time.monotonic()
+            self._bookkeeping.submit(complete, f)
+
+        future.add_done_callback(engine_done)
 
     # -- ordered training requests -----------------------------------------------------------
 
@@ -327,8 +336,10 @@ class Service:
         kind: str,
         submit: Callable[[], Future],
         on_done: Callable[[Any], Any] | None = None,
+        trace_as: tuple[str, dict[str, Any]] | None = None,
     ) -> FutureEntry:
-        """Hand `submit` to the engine once every lower seq_id of this model has been handed over."""
+        """Hand `submit` to the engine once every lower seq_id of this model has been handed over.
+        `trace_as`: the request's name and sizes in the session's trace (default: `kind`)."""
         state = self._model(model_id, user)
         if seq_id is not None and seq_id < 1:
             # seq_id 0 is the model's creation: answering its future would train nothing, silently.
@@ -338,6 +349,9 @@ class Service:
         if kind != "skipped":
             self.work.admit(user)
         entry = self.futures.create(kind, state.session_id, owner=user.name)
+        if kind != "skipped":
+            name, args = trace_as or (kind, {})
+            entry.trace = TraceTag(model_id, name, seq_id, args)
         state.last_request = utcnow()
         if seq_id is None or seq_id < state.next_seq:
             self._chain(submit(), entry, on_done)
@@ -384,6 +398,7 @@ class Service:
         state = ModelState(run_id=model_id, session_id=session_id, owner=owner, engine=engine)
         self.models[model_id] = state
         entry = self.futures.create("create_model", session_id, owner=user.name)
+        entry.trace = TraceTag(model_id, "create_model", 0, {"base_model": base_model, "lora_rank": spec.rank})
         state.seen[0] = entry
 
         def on_done(_: Any) -> dict:
@@ -421,7 +436,9 @@ class Service:
             self._record_metrics(model_id, seq_id, "forward" if forward_only else "forward_backward", result.metrics)
             return result
 
-        return self.submit_ordered(model_id, user, seq_id, "fwdbwd", lambda: state.engine.forward_backward(call), record)
+        sizes = {"datums": len(datums), "tokens": sum(len(d.tokens) for d in datums), "loss_fn": loss_fn}
+        return self.submit_ordered(model_id, user, seq_id, "fwdbwd", lambda: state.engine.forward_backward(call), record,
+                                   trace_as=("forward" if forward_only else "forward_backward", sizes))
 
     def _attach_provenance(self, session_id: str, datums: list[Datum], loss_fn: str) -> None:
         for i, d in enumerate(datums):
@@ -448,7 +465,8 @@ class Service:
             self._record_metrics(model_id, seq_id, "optim_step", {**metrics, "learning_rate:mean": params.learning_rate})
             return {"metrics": metrics}
 
-        return self.submit_ordered(model_id, user, seq_id, "optim_step", lambda: state.engine.optim_step(model_id, params), record)
+        return self.submit_ordered(model_id, user, seq_id, "optim_step", lambda: state.engine.optim_step(model_id, params), record,
+                                   trace_as=("optim_step", {"learning_rate": params.learning_rate}))
 
     def _record_metrics(self, run_id: str, seq_id: int, kind: str, metrics: dict[str, float]) -> None:
         with self.db.begin() as s:
@@ -586,7 +604,8 @@ class Service:
         if model_id is not None:
             engine = self._model(model_id, user).engine
             return model_id, self.submit_ordered(
-                model_id, user, seq_id, "load", lambda: engine.load_adapter(model_id, directory, with_optimizer), lambda _: {"path": path}
+                model_id, user, seq_id, "load", lambda: engine.load_adapter(model_id, directory, with_optimizer), lambda _: {"path": path},
+                trace_as=("load_weights", {"path": path}),
             )
         if session_id is None or model_seq_id is None:
             raise UserError("load_weights needs model_id, or session_id and model_seq_id")
@@ -599,6 +618,7 @@ class Service:
         state = ModelState(run_id=new_id, session_id=session_id, owner=owner, engine=engine)
         self.models[new_id] = state
         entry = self.futures.create("load", session_id, owner=user.name)
+        entry.trace = TraceTag(new_id, "load_weights", 0, {"path": path})
         state.seen[0] = entry
 
         def on_done(spec: LoraSpec) -> dict:
@@ -628,11 +648,15 @@ class Service:
         self, session_id: str, sampling_seq: int, base_model: str | None, model_path: str | None, user: User
     ) -> str:
         owner = self._require_session(session_id, user)
+        began = time.monotonic()
         if not (model_path or base_model):
             raise UserError("create_sampling_session needs base_model or model_path")
         target = self.sampling.resolve(model_path or base_model, user)  # type: ignore[arg-type]
         sampler_id = f"{session_id}:sample:{sampling_seq}"
         self._register_sampler(sampler_id, session_id, owner, target, model_path)
+        ended = time.monotonic()
+        tag = TraceTag(sampler_id, "create_sampling_session", None, {"model": model_path or base_model})
+        self.traces.record(session_id, RequestSpan(tag, "", began, began, ended, ended))
         return sampler_id
 
     def sampler(self, sampler_id: str, user: User) -> SamplerState:
@@ -674,8 +698,11 @@ class Service:
                 return earlier_entry, earlier_ids
         self.work.admit(user)
         entry = self.futures.create("sample", state.session_id, owner=user.name)
+        entry.trace = trace = TraceTag(sampler_id, "sample", seq_id, {"prompt_tokens": len(request.prompt),
+                                                                      "num_samples": request.num_samples})
         try:
             request = sampling.check(state.target.info, request)
+            trace.args["max_tokens"] = request.params.max_tokens
             failure = None
         except UserError as exc:
             failure = Failure(tinker_sampling_message(exc), "user")
@@ -688,14 +715,15 @@ class Service:
         if failure is not None:
             self.futures.resolve(entry, failure=failure)
             return entry, sequence_ids
-        on_done = None
-        if request.record_stability_info:
-            session_id, prompt = state.session_id, list(request.prompt)
+        session_id, record_stability = state.session_id, request.record_stability_info
+        prompt = list(request.prompt) if record_stability else []
 
-            def on_done(result: SampleResult) -> SampleResult:
+        def on_done(result: SampleResult) -> SampleResult:
+            trace.args["sampled_tokens"] = sum(len(seq.tokens) for seq in result.sequences)
+            if record_stability:
                 for sequence_id, seq in zip(sequence_ids, result.sequences, strict=True):
                     self.stability.record(sequence_id, SequenceRecord(session_id, prompt, list(seq.tokens), list(seq.logprobs)))
-                return result
+            return result
 
         self._chain(self.sampling.submit(state.target, request), entry, on_done)
         return entry, sequence_ids

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from tinkerd.engine.client import mark_started
 from tinkerd.engine.sampler import PendingSample, Sampler
 from tinkerd.engine.trainer import Trainer
 from tinkerd.types import ForwardBackwardCall, TrainResult, UserError
@@ -162,6 +163,7 @@ class Scheduler:
             elif job is not None and job.call is not None:
                 self._start_forward_backward([job, *self._take_batchable(job)])
             elif job is not None and job.future.set_running_or_notify_cancel():
+                mark_started(job.future)
                 try:
                     job.future.set_result(job.fn())
                 except BaseException as exc:  # noqa: BLE001 - reported to the caller
@@ -185,6 +187,9 @@ class Scheduler:
 
     def _admit(self, new_samples: list[PendingSample]) -> None:
         sampler = self.sampler
+        started = time.monotonic()
+        for item in new_samples:  # their prefill begins (those past the KV budget: again when next admitted)
+            mark_started(item.future, started)
         try:
             with torch.inference_mode():
                 waiting = sampler.admit(new_samples)
@@ -265,6 +270,7 @@ class Scheduler:
         for job in jobs:
             if not job.future.set_running_or_notify_cancel():
                 continue
+            mark_started(job.future)
             try:
                 ready.append((job, self.trainer.prepare(job.call)))
             except BaseException as exc:  # noqa: BLE001 - this call alone fails
