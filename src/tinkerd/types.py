@@ -8,6 +8,8 @@ actor) can receive and return them as they are.
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -198,3 +200,15 @@ class EngineStats:
     memory_bytes: int  # on the engine's device: CUDA memory allocated, else the process's resident set
     counters: dict[str, int]  # decode_steps, prefill_tokens, decode_tokens, train_tokens, adapter_cache_{hits,misses,evictions}
     latencies: dict[str, LatencyHistogram]  # time_to_first_token, decode_step, forward_backward, optim_step
+
+
+def mark_started(future: Future, when: float | None = None) -> None:
+    """Note on a request's future when the engine began its work (time.monotonic(); default:
+    now). The core reads it back with `started_at` for the session's trace (core/traces.py):
+    the time before it is the request's wait in the engine's queue."""
+    future.tinkerd_started = time.monotonic() if when is None else when  # type: ignore[attr-defined]
+
+
+def started_at(future: Future) -> float | None:
+    """When the engine began the work of `future`'s request (None: the engine did not say)."""
+    return getattr(future, "tinkerd_started", None)

@@ -52,7 +52,6 @@ from tinkerd.core.registry import MAX_TTL_SECONDS, Registry, check_checkpoint_fi
 from tinkerd.core.sampling import SampleTarget, Sampling
 from tinkerd.core.traces import RequestSpan, SessionTraces, TraceTag
 from tinkerd.core.work_cap import DEFAULT_MAX_QUEUED_PER_USER, WorkCap
-from tinkerd.engine.client import started_at
 from tinkerd.types import (
     AdamParams,
     AdapterRef,
@@ -65,6 +64,7 @@ from tinkerd.types import (
     SampleResult,
     TrainResult,
     UserError,
+    started_at,
 )
 
 if TYPE_CHECKING:

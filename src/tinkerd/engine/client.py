@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -28,18 +27,6 @@ from typing import Any
 from tinkerd.types import AdamParams, EngineStats, ForwardBackwardCall, LoraSpec, ModelInfo, SampleRequest, TokenEvent
 
 log = logging.getLogger(__name__)
-
-
-def mark_started(future: Future, when: float | None = None) -> None:
-    """Note on a request's future when the engine began its work (time.monotonic(); default:
-    now). The core reads it back with `started_at` for the session's trace (core/traces.py):
-    the time before it is the request's wait in the engine's queue."""
-    future.tinkerd_started = time.monotonic() if when is None else when  # type: ignore[attr-defined]
-
-
-def started_at(future: Future) -> float | None:
-    """When the engine began the work of `future`'s request (None: the engine did not say)."""
-    return getattr(future, "tinkerd_started", None)
 
 
 class EngineClient(ABC):

@@ -34,10 +34,9 @@ from typing import Any
 
 import torch
 
-from tinkerd.engine.client import mark_started
 from tinkerd.engine.sampler import PendingSample, Sampler
 from tinkerd.engine.trainer import Trainer
-from tinkerd.types import ForwardBackwardCall, TrainResult, UserError
+from tinkerd.types import ForwardBackwardCall, TrainResult, UserError, mark_started
 
 log = logging.getLogger(__name__)
 
