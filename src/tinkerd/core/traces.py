@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_SPANS_PER_SESSION = 10_000
-MAX_SPANS = 200_000
+MAX_SPANS = 100_000  # about 50 MB
 TRACE_PID = 1  # one process in the trace: the session
 
 
-@dataclass
+@dataclass(slots=True)
 class TraceTag:
     """What a request is called in its session's trace."""
 
@@ -35,7 +35,7 @@ class TraceTag:
     args: dict[str, Any] = field(default_factory=dict)  # sizes: datums, tokens, samples
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestSpan:
     """One finished request. Times are time.monotonic() seconds."""
 
