@@ -127,10 +127,25 @@ class SampleResult:
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """A sampler adapter: `key` names it in the engine's cache, `directory` holds its PEFT files."""
+    """A sampler adapter: `key` names it in the engine's cache, `directory` holds its PEFT files.
+
+    `key` names one set of weights and never two: anything kept per weights (the adapter
+    cache, a prompt-prefix cache) keys by it.
+
+    In-flight weights (`save_weights_and_get_sampling_client(kind="inflight")`): the weights a
+    training model last published for its in-flight sampling clients, held only in the
+    engine's memory (`directory` is empty). `inflight_of` is the training model's id and
+    `version` counts its in-flight saves: every save publishes a new version under a new
+    key, `inflight:{model_id}#{version}`, even when no optimizer step ran in between. The
+    engine serves a request the newest version published for `inflight_of` (never an older
+    one than the request names) and, once it has chosen, puts that version's ref on the
+    request (`SampleRequest.adapter`), so what the request ran on is always its `key`.
+    """
 
     key: str
     directory: str
+    inflight_of: str | None = None  # the training model whose in-flight weights these are
+    version: int = 0  # the in-flight save that published them (1, 2, ...); 0 for a checkpoint
 
 
 @dataclass

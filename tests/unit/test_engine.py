@@ -10,7 +10,16 @@ import torch
 
 from tinkerd.engine.client import InProcessEngine
 from tinkerd.engine.model import AdapterBatch, KVCache
-from tinkerd.types import AdamParams, AdapterRef, Datum, ForwardBackwardCall, LoraSpec, SampleRequest, SamplingParams
+from tinkerd.types import (
+    AdamParams,
+    AdapterRef,
+    Datum,
+    ForwardBackwardCall,
+    LoraSpec,
+    SampleRequest,
+    SamplingParams,
+    UserError,
+)
 
 TOKENS = np.array([1, 504, 3458, 282, 4649, 314, 7042, 30, 378, 1024, 2, 88, 913], dtype=np.int64)
 
@@ -278,6 +287,37 @@ def test_sampled_logprobs_equal_scoring_the_same_tokens_with_an_adapter(engine, 
     base = engine.sample(SampleRequest(prompt=prompt + sampled.sequences[0].tokens, num_samples=1, prompt_logprobs=True,
                                        params=SamplingParams(max_tokens=0))).result()
     assert np.max(np.abs(np.array(base.prompt_logprobs[len(prompt):]) - sampled.sequences[0].logprobs)) > 1e-2
+
+
+def test_in_flight_weights_are_a_copy_and_a_request_runs_on_the_newest_version(engine, tmp_path):
+    """publish_inflight copies the adapter's weights into the engine's memory (no file): training
+    after it does not reach them; a later publish serves requests that named the older
+    version too, and each request carries the version it ran on. Dropping the adapter drops them."""
+    engine.create_adapter("live", LoraSpec(rank=8, seed=4)).result()
+    v1 = AdapterRef("inflight:live#1", "", inflight_of="live", version=1)
+    engine.publish_inflight("live", v1).result()
+
+    def score(ref: AdapterRef) -> tuple[list[float], AdapterRef]:
+        request = SampleRequest(prompt=TOKENS.tolist(), num_samples=1, adapter=ref, prompt_logprobs=True,
+                                params=SamplingParams(max_tokens=0))
+        return engine.sample(request).result().prompt_logprobs[1:], request.adapter
+
+    first, ran_on = score(v1)
+    assert ran_on == v1
+    for _ in range(2):
+        train(engine, "live", [datum()])
+        engine.optim_step("live", AdamParams(learning_rate=5e-2)).result()
+    np.testing.assert_array_equal(score(v1)[0], first)  # trained since, not published: still version 1
+    v2 = AdapterRef("inflight:live#2", "", inflight_of="live", version=2)
+    engine.publish_inflight("live", v2).result()
+    second, ran_on = score(v1)  # a client of version 1 now runs on version 2
+    assert ran_on == v2
+    assert np.max(np.abs(np.array(second) - np.array(first))) > 1e-2
+    engine.save_adapter("live", str(tmp_path / "live"), False, "key-live").result()
+    np.testing.assert_allclose(second, score(AdapterRef("key-live", str(tmp_path / "live")))[0], atol=1e-6)
+    engine.drop_adapter("live").result()
+    with pytest.raises(UserError, match="in-flight weights of live are gone"):
+        score(v2)
 
 
 def test_the_model_loads_on_the_engine_thread_and_load_errors_reach_the_caller(model_dir, tmp_path, monkeypatch):

@@ -67,6 +67,9 @@ class Replica(EngineClient):
     def save_adapter(self, adapter_id, directory, with_optimizer, sampler_key=None):
         return self._record("save", adapter_id)
 
+    def publish_inflight(self, adapter_id, ref):
+        return self._record("publish", adapter_id)
+
     def sample(self, request, on_token=None):
         return self._record("sample", request.request_id)
 
@@ -132,6 +135,23 @@ def test_a_checkpoint_is_sampled_on_the_replica_its_key_hashes_to(replicas):
         assert ("sample", f"r{i}") in expected.calls and ("sample", f"again{i}") in expected.calls
     assert len({stable_replica(key, 3) for key in keys}) == 3  # twelve checkpoints use every replica
     assert stable_replica("tinker://run-1/sampler_weights/final@0001", 3) == 0  # the same in every process
+
+
+def test_in_flight_weights_are_published_and_sampled_where_their_run_is_trained(replicas):
+    router = ReplicaRouter(replicas)
+    for run in ("run-a", "run-b", "run-c"):
+        router.create_adapter(run, LoraSpec(rank=4))
+    holder = router.holder("run-c")
+    router.publish_inflight("run-c", AdapterRef("inflight:run-c#1", "", inflight_of="run-c", version=1))
+    for version in (1, 2, 3):  # whatever the version's key hashes to
+        ref = AdapterRef(f"inflight:run-c#{version}", "", inflight_of="run-c", version=version)
+        router.sample(SampleRequest([1, 2], 1, SamplingParams(max_tokens=4), adapter=ref, request_id=f"v{version}"))
+    assert [call[0] for call in replicas[holder].calls][-4:] == ["publish", "sample", "sample", "sample"]
+    assert all(call[0] not in ("publish", "sample") for r in replicas if r.index != holder for call in r.calls)
+    router.drop_adapter("run-c")  # its session ended: its in-flight weights went with it
+    gone = router.sample(SampleRequest([1, 2], 1, SamplingParams(max_tokens=4), request_id="late",
+                                       adapter=AdapterRef("inflight:run-c#3", "", inflight_of="run-c", version=3)))
+    assert isinstance(gone.exception(), UserError)
 
 
 def test_base_model_samples_go_to_the_least_loaded_replica_and_cancel_follows_them(replicas):

@@ -305,7 +305,7 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
                 session = (service.session_of_model(req.model_id, user), req.sampling_session_seq_id)
             entry = service.save_checkpoint(
                 req.model_id, req.seq_id, req.path, "sampler_weights", req.ttl_seconds, True, req.user_metadata,
-                sampler_session=session, user=user,
+                sampler_session=session, user=user, inflight=req.kind == "inflight",
             )
         return promise(entry, req.model_id)
 

@@ -41,17 +41,49 @@ MAX_SAMPLED_TOKENS = 1 << 20
 MAX_TOPK_ENTRIES = 1 << 22
 
 
+class InflightWeights:
+    """The one mutable weights target that a training model's in-flight sampling clients share
+    (`save_weights_and_get_sampling_client(kind="inflight")`).
+
+    Each in-flight save is numbered (`next_ref`, in the model's request order) and, once the
+    engine holds its copy of the weights, `published`: from then on every sample of every
+    in-flight client of the model asks for at least that version. The weights themselves
+    live only in the engine (`EngineClient.publish_inflight`); this is their newest name.
+    """
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+        self._issued = 0
+        self.ref: AdapterRef | None = None  # the newest version published
+
+    def next_ref(self) -> AdapterRef:
+        self._issued += 1
+        return AdapterRef(f"inflight:{self.model_id}#{self._issued}", "", inflight_of=self.model_id, version=self._issued)
+
+    def published(self, ref: AdapterRef) -> None:
+        if self.ref is None or self.ref.version < ref.version:  # saves complete in order; kept monotonic regardless
+            self.ref = ref
+
+
 @dataclass(frozen=True)
 class SampleTarget:
-    """What a model name means: a base model's engine, and the checkpoint's adapter if any."""
+    """What a model name means: a base model's engine, and the checkpoint's adapter if any
+    (or, for an in-flight client, the shared weights target whose newest version it samples)."""
 
     base_model: str
     engine: EngineClient
     adapter: AdapterRef | None
+    inflight: InflightWeights | None = None
 
     @property
     def info(self) -> ModelInfo:
         return self.engine.info
+
+    def current_adapter(self) -> AdapterRef | None:
+        """The adapter a request submitted now asks for."""
+        if self.inflight is not None and self.inflight.ref is not None:
+            return self.inflight.ref
+        return self.adapter
 
 
 class Sampling:
@@ -83,7 +115,7 @@ class Sampling:
         """Submit a checked request to the target's engine; gives it a request id if it has none."""
         if not request.request_id:
             request.request_id = f"smp-{uuid.uuid4().hex}"
-        request.adapter = target.adapter
+        request.adapter = target.current_adapter()
         return target.engine.sample(request, on_token)
 
     def cancel(self, target: SampleTarget, request_id: str, sample_index: int | None = None) -> None:

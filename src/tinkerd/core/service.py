@@ -20,6 +20,7 @@ import asyncio
 import datetime as dt
 import logging
 import shutil
+import threading
 import time
 import uuid
 import weakref
@@ -49,7 +50,7 @@ from tinkerd.core.futures import Failure, FutureEntry, FutureStore
 from tinkerd.core.paths import TinkerPath, check_checkpoint_name
 from tinkerd.core.provenance import SequenceRecord, StabilityStore, check_tiling, stability_for_datum
 from tinkerd.core.registry import MAX_TTL_SECONDS, Registry, check_checkpoint_files, checkpoint_query, disk_full_message
-from tinkerd.core.sampling import SampleTarget, Sampling
+from tinkerd.core.sampling import InflightWeights, SampleTarget, Sampling
 from tinkerd.core.traces import RequestSpan, SessionTraces, TraceTag
 from tinkerd.core.work_cap import DEFAULT_MAX_QUEUED_PER_USER, WorkCap
 from tinkerd.types import (
@@ -92,6 +93,7 @@ class ModelState:
     # future. Weak, so that a result goes when its retention ends (core/futures.py), not
     # when 4096 later requests have pushed it out of the window.
     seen: weakref.WeakValueDictionary[int, FutureEntry] = field(default_factory=weakref.WeakValueDictionary)
+    inflight: InflightWeights | None = None  # made by the model's first in-flight save
 
 
 @dataclass
@@ -121,6 +123,27 @@ def _done(value: Any = None) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+def _both(first: Future, second: Future) -> Future:
+    """`first`'s result once both are done, or the failure of either."""
+    out: Future = Future()
+    waiting = [first, second]
+
+    def done(_: Future) -> None:
+        with lock:
+            if any(not f.done() for f in waiting) or out.done():
+                return
+            failed = next((f.exception() for f in waiting if f.exception() is not None), None)
+            if failed is not None:
+                out.set_exception(failed)
+            else:
+                out.set_result(first.result())
+
+    lock = threading.Lock()
+    first.add_done_callback(done)
+    second.add_done_callback(done)
+    return out
 
 
 class Service:
@@ -500,10 +523,43 @@ class Service:
         sampler_session: tuple[str, int] | None = None,
         *,
         user: User,
+        inflight: bool = False,
     ) -> FutureEntry:
-        """save_weights (kind=weights), save_weights_for_sampler (sampler_weights), external."""
+        """save_weights (kind=weights), save_weights_for_sampler (sampler_weights), external.
+
+        `inflight` (sampler saves of kind "inflight"): the weights are also published as the
+        model's in-flight weights, which every in-flight sampling client of the model samples
+        from then on. Without a name that is all that happens (no file is written) and the
+        answer is a new in-flight sampling client; with a name the checkpoint is saved as
+        usual too, and the answer is its path."""
         state = self._model(model_id, user)  # raises NotFound for an unknown model, or another user's
         engine = state.engine
+        if inflight and kind != "sampler_weights":
+            raise UserError("only sampler saves can be in-flight", field="kind")
+        if inflight and state.inflight is None:
+            state.inflight = InflightWeights(model_id)
+        live = state.inflight if inflight else None
+        published: list[AdapterRef] = []  # the version this request publishes, once it is handed to the engine
+
+        def publish() -> Future:
+            ref = live.next_ref()  # type: ignore[union-attr] - numbered here: in the model's request order
+            published.append(ref)
+            return engine.publish_inflight(model_id, ref)
+
+        if name is None and live is not None:
+            if sampler_session is None:
+                raise UserError("path is required")
+            session_id, sampling_seq = sampler_session
+            sampler_id = f"{session_id}:sample:{sampling_seq}"
+            run = self.get_run(model_id, user)
+
+            def on_published(_: None) -> dict:
+                live.published(published[0])
+                target = SampleTarget(run.base_model, self.engine_for(run.base_model), published[0], inflight=live)
+                self._register_sampler(sampler_id, session_id, state.owner, target, None)
+                return {"sampling_session_id": sampler_id}
+
+            return self.submit_ordered(model_id, user, seq_id, "save", publish, on_published)
         if name is None:
             # save_weights_and_get_sampling_client: an ephemeral, unlisted snapshot.
             if sampler_session is None:
@@ -538,6 +594,8 @@ class Service:
         sampler_key = f"{path}@{row_id}" if kind == "sampler_weights" else None
 
         def on_saved(size: int) -> dict:
+            if published:
+                live.published(published[0])  # type: ignore[union-attr]
             replaced_dirs: list[str] = []
             expires = utcnow() + dt.timedelta(seconds=ttl_seconds) if ttl_seconds else None
             with self.db.begin() as s:
@@ -562,10 +620,11 @@ class Service:
                 result["size_bytes"] = size
             return result
 
-        return self.submit_ordered(
-            model_id, user, seq_id, "save", lambda: engine.save_adapter(model_id, str(directory), with_optimizer, sampler_key),
-            on_saved,
-        )
+        def save() -> Future:
+            saved = engine.save_adapter(model_id, str(directory), with_optimizer, sampler_key)
+            return saved if live is None else _both(saved, publish())
+
+        return self.submit_ordered(model_id, user, seq_id, "save", save, on_saved)
 
     def find_checkpoint(self, tinker_path: str, user: User, on_behalf_of: User | None = None) -> CheckpointRow:
         """A checkpoint `user` may read: their own, their projects', or a published one; or,

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from tinkerd.types import AdamParams, EngineStats, ForwardBackwardCall, LoraSpec, ModelInfo, SampleRequest, TokenEvent
+from tinkerd.types import AdamParams, AdapterRef, EngineStats, ForwardBackwardCall, LoraSpec, ModelInfo, SampleRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,13 @@ class EngineClient(ABC):
     def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool, sampler_key: str | None = None) -> Future:
         """Write the adapter as a PEFT checkpoint directory (atomically). With `sampler_key`, the
         saved weights also serve samples of that key at once. Future[int: bytes written]."""
+
+    @abstractmethod
+    def publish_inflight(self, adapter_id: str, ref: AdapterRef) -> Future:
+        """The adapter's current weights become the in-flight weights `ref` names (its
+        `inflight_of` is `adapter_id`): a copy in the engine's memory, taken in order with the
+        adapter's other requests, that samples of any version up to `ref.version` run on from
+        now on (nothing is written to disk). Dropping the adapter drops them. Future[None]."""
 
     @abstractmethod
     def sample(self, request: SampleRequest, on_token: Callable[[TokenEvent], None] | None = None) -> Future:
@@ -144,7 +151,11 @@ class InProcessEngine(EngineClient):
         return self.scheduler.submit_for(adapter_id, self.trainer.load_adapter, adapter_id, directory, with_optimizer)
 
     def drop_adapter(self, adapter_id: str) -> Future:
-        return self.scheduler.submit(self.trainer.drop_adapter, adapter_id)
+        return self.scheduler.submit(self._drop_adapter, adapter_id)
+
+    def _drop_adapter(self, adapter_id: str) -> None:
+        self.trainer.drop_adapter(adapter_id)
+        self.sampler.adapters.drop_inflight(adapter_id)
 
     def forward_backward(self, call: ForwardBackwardCall) -> Future:
         return self.scheduler.submit_forward_backward(call)
@@ -154,6 +165,14 @@ class InProcessEngine(EngineClient):
 
     def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool, sampler_key: str | None = None) -> Future:
         return self.scheduler.submit_for(adapter_id, self.trainer.save_adapter, adapter_id, directory, with_optimizer, sampler_key)
+
+    def publish_inflight(self, adapter_id: str, ref: AdapterRef) -> Future:
+        return self.scheduler.submit_for(adapter_id, self._publish_inflight, adapter_id, ref)
+
+    def _publish_inflight(self, adapter_id: str, ref: AdapterRef) -> None:
+        if ref.inflight_of != adapter_id:
+            raise ValueError(f"in-flight weights {ref.key} are not {adapter_id}'s")
+        self.sampler.adapters.publish_inflight(ref, self.trainer.sampler_copy(adapter_id))
 
     def sample(self, request: SampleRequest, on_token: Callable[[TokenEvent], None] | None = None) -> Future:
         from tinkerd.engine.sampler import PendingSample

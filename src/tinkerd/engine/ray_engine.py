@@ -45,6 +45,7 @@ from typing import Any
 from tinkerd.engine.client import EngineClient
 from tinkerd.types import (
     AdamParams,
+    AdapterRef,
     EngineFailed,
     EngineStats,
     ForwardBackwardCall,
@@ -149,6 +150,10 @@ class EngineActor:
     async def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool, sampler_key: str | None) -> int:
         self.require(adapter_id)
         return await asyncio.wrap_future(self.engine.save_adapter(adapter_id, directory, with_optimizer, sampler_key))
+
+    async def publish_inflight(self, adapter_id: str, ref: AdapterRef) -> None:
+        self.require(adapter_id)
+        await asyncio.wrap_future(self.engine.publish_inflight(adapter_id, ref))
 
     async def sample(self, request: SampleRequest, stream: bool) -> SampleResult | None:
         """The result; with `stream`, None at once, and the tokens and result come through `next_tokens`."""
@@ -323,6 +328,9 @@ class RayEngine(EngineClient):
 
     def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool, sampler_key: str | None = None) -> Future:
         return self._in_order(adapter_id, "save_adapter", adapter_id, directory, with_optimizer, sampler_key)
+
+    def publish_inflight(self, adapter_id: str, ref: AdapterRef) -> Future:
+        return self._in_order(adapter_id, "publish_inflight", adapter_id, ref)
 
     def sample(self, request: SampleRequest, on_token: Callable[[TokenEvent], None] | None = None) -> Future:
         if on_token is None:

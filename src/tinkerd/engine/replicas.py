@@ -8,7 +8,8 @@ always and never learns that there are replicas. It decides where each request g
     one holding the fewest trainable adapters, and recorded for the adapter's lifetime;
   * sampling of a checkpoint goes to a replica chosen by a stable hash of the checkpoint's
     cache key, so the same checkpoint keeps landing where its adapter (and its prompts'
-    cached state) is already warm;
+    cached state) is already warm; in-flight weights (`publish_inflight`) are published on,
+    and sampled from, the replica that holds their training run;
   * base-model sampling goes to the replica with the fewest requests in flight.
 
 Replicas are any `EngineClient`s of the same model (Ray actors in practice,
@@ -26,6 +27,7 @@ from dataclasses import replace
 from tinkerd.engine.client import EngineClient
 from tinkerd.types import (
     AdamParams,
+    AdapterRef,
     EngineStats,
     ForwardBackwardCall,
     LatencyHistogram,
@@ -138,8 +140,20 @@ class ReplicaRouter(EngineClient):
         index = self.holder(adapter_id)
         return self._track(index, self.replicas[index].save_adapter(adapter_id, directory, with_optimizer, sampler_key))
 
+    def publish_inflight(self, adapter_id: str, ref: AdapterRef) -> Future:
+        index = self.holder(adapter_id)
+        return self._track(index, self.replicas[index].publish_inflight(adapter_id, ref))
+
     def sample(self, request: SampleRequest, on_token: Callable[[TokenEvent], None] | None = None) -> Future:
-        if request.adapter is not None:
+        if request.adapter is not None and request.adapter.inflight_of is not None:
+            # In-flight weights live only in the memory of the replica that trains them.
+            try:
+                index = self.holder(request.adapter.inflight_of)
+            except UserError as exc:
+                gone: Future = Future()
+                gone.set_exception(exc)
+                return gone
+        elif request.adapter is not None:
             index = stable_replica(request.adapter.key, len(self.replicas))
         else:
             index = self._least_loaded()

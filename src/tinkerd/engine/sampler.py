@@ -144,13 +144,37 @@ class AdapterCache:
 
     def __init__(self, size: int, device: torch.device, dtype: torch.dtype, meter: EngineMeter | None = None):
         self._entries: OrderedDict[str, LoraWeights] = OrderedDict()
+        # Training model id → its newest in-flight weights. Not in the LRU: they exist only here.
+        self._inflight: dict[str, tuple[AdapterRef, LoraWeights]] = {}
         self.size = size
         self.device = device
         self.dtype = dtype
         self.meter = meter or EngineMeter()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._inflight)
+
+    def publish_inflight(self, ref: AdapterRef, weights: LoraWeights) -> None:
+        """`weights` become the in-flight weights of `ref.inflight_of` (an older version is
+        let go; rows decoding on it keep it until they finish)."""
+        held = self._inflight.get(ref.inflight_of)  # type: ignore[arg-type]
+        if held is None or held[0].version < ref.version:
+            self._inflight[ref.inflight_of] = (ref, weights)  # type: ignore[index]
+
+    def drop_inflight(self, model_id: str) -> None:
+        self._inflight.pop(model_id, None)
+
+    def resolve(self, ref: AdapterRef | None) -> tuple[AdapterRef | None, LoraWeights | None]:
+        """(the ref a request runs on, its weights): `ref` itself, or for in-flight weights
+        the newest version published (AdapterRef.inflight_of)."""
+        if ref is None or ref.inflight_of is None:
+            return ref, self.get(ref)
+        held = self._inflight.get(ref.inflight_of)
+        if held is None or held[0].version < ref.version:
+            raise UserError(f"the in-flight weights of {ref.inflight_of} are gone: its training session ended, or the "
+                            "engine restarted; save weights for a new sampling client")
+        self.meter.count("adapter_cache_hits")
+        return held
 
     def put(self, key: str, weights: LoraWeights) -> None:
         self._entries[key] = weights
@@ -216,7 +240,8 @@ class Sampler:
                 self.cancellations.forget(item.request.request_id)
                 continue
             try:
-                ready.append((item, self.adapters.get(item.request.adapter)))
+                item.request.adapter, weights = self.adapters.resolve(item.request.adapter)
+                ready.append((item, weights))
             except BaseException as exc:  # noqa: BLE001 - this request alone fails
                 self.cancellations.forget(item.request.request_id)
                 item.future.set_exception(exc)

@@ -105,13 +105,17 @@ class Trainer:
         size = write_checkpoint_dir(Path(directory), adapter.weights, spec.rank, spec.alpha, self.base_model, extra,
                                     opt_tensors, opt_meta)
         if sampler_key is not None:
-            weights = adapter.weights
-            self._on_sampler_snapshot(sampler_key, LoraWeights(
-                a={k: v.detach().clone() for k, v in weights.a.items()},
-                b={k: v.detach().clone() for k, v in weights.b.items()},
-                scale=weights.scale,
-            ))
+            self._on_sampler_snapshot(sampler_key, self.sampler_copy(adapter_id))
         return size
+
+    def sampler_copy(self, adapter_id: str) -> LoraWeights:
+        """A copy of the adapter's LoRA weights for the sampler: later optimizer steps do not reach it."""
+        weights = self.adapter(adapter_id).weights
+        return LoraWeights(
+            a={k: v.detach().clone() for k, v in weights.a.items()},
+            b={k: v.detach().clone() for k, v in weights.b.items()},
+            scale=weights.scale,
+        )
 
     @staticmethod
     def _optimizer_tensors(adapter: TrainableAdapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
