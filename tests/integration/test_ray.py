@@ -178,6 +178,22 @@ def test_the_same_seed_gives_the_same_tokens_as_in_process(ray_runs: dict, local
             sampled(local["sc"], tokenizer, model_path=in_process["path"])
 
 
+def test_an_in_flight_client_follows_its_run_across_the_actor_boundary(ray_runs: dict):
+    """In-flight weights live in the actor that trains the run: a client made before a
+    training step samples the step's weights once an in-flight save published them."""
+    run = ray_runs[TINY]
+    tc, tokens = run["tc"], run["tokenizer"].encode(TEXTS[0])
+    live = tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    before = live.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    tc.forward_backward([sft_datum(run["tokenizer"], TEXTS[0])], "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=5e-2)).result()
+    tc.save_weights_and_get_sampling_client(kind="inflight").result()
+    now = tc.save_weights_and_get_sampling_client().result().compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    after = live.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+    assert after[1:] == pytest.approx(now[1:], abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(after[1:], before[1:], strict=True)) > 1e-3
+
+
 def test_a_killed_actor_fails_its_request_cleanly_and_comes_back(ray_server: Server, ray_runs: dict):
     sc = ray_runs["sc"]
     run = ray_runs[MODEL_NAME]
