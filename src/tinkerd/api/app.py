@@ -19,7 +19,7 @@ from tinkerd.api.bodies import SIGNED_UPLOAD_PATH, BodySizeLimit
 from tinkerd.api.console_routes import is_console_path, mount_console
 from tinkerd.api.metrics_routes import METRICS_PATH, build_metrics
 from tinkerd.api.openai_routes import build_openai_routers
-from tinkerd.api.rest_routes import SIGNED_DOWNLOAD_PATH, SIGNED_TRACE_PATH, build_rest_router
+from tinkerd.api.rest_routes import SIGNED_ARCHIVE_PATH, SIGNED_DOWNLOAD_PATH, SIGNED_TRACE_PATH, build_rest_router
 from tinkerd.api.tinker_routes import build_router
 from tinkerd.core.identity_tokens import IdentityTokens, looks_like_token
 from tinkerd.core.keys import ApiKeys
@@ -29,7 +29,8 @@ from tinkerd.types import UserError
 
 log = logging.getLogger(__name__)
 
-OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/", SIGNED_DOWNLOAD_PATH, SIGNED_TRACE_PATH, SIGNED_UPLOAD_PATH, METRICS_PATH}
+OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/", SIGNED_DOWNLOAD_PATH, SIGNED_ARCHIVE_PATH, SIGNED_TRACE_PATH, SIGNED_UPLOAD_PATH,
+              METRICS_PATH}
 
 
 def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] | None = None) -> FastAPI:

@@ -12,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from tinkerd.api.auth import caller
 from tinkerd.api.bodies import SIGNED_UPLOAD_PATH, json_body
 from tinkerd.core.access import User
-from tinkerd.core.db import CheckpointRow, RunRow, utcnow
+from tinkerd.core.checkpoint_archive import CheckpointArchive
+from tinkerd.core.db import CheckpointRow, RunRow, aware, utcnow
 from tinkerd.core.paths import CHECKPOINT_KINDS, TinkerPath
 from tinkerd.core.registry import (
     DOWNLOAD_URL_LIFETIME,
@@ -36,6 +38,7 @@ from tinkerd.core.uploads import WeightsUploads, check_lora_config
 from tinkerd.types import UserError
 
 SIGNED_DOWNLOAD_PATH = "/api/v1/signed_download"  # open (no API key): the signature is the credential
+SIGNED_ARCHIVE_PATH = "/api/v1/signed_archive"  # open, as above: one tar of a checkpoint (SDK 0.34 / 0.35)
 SIGNED_TRACE_PATH = "/api/v1/signed_trace"  # open, as above: a session's trace (`tinker session export-trace`)
 MAX_PAGE = 1000
 MAX_OFFSET = 1 << 40  # far past any list; SQLite's integers end at 2**63
@@ -278,6 +281,25 @@ def build_rest_router(service: Service) -> APIRouter:
         except Forbidden as exc:
             return JSONResponse({"detail": str(exc)}, status_code=403)
         return FileResponse(file, filename=file.name, media_type="application/octet-stream")
+
+    @r.get("/training_runs/{run_id}/checkpoints/{kind}/{name}/archive")
+    async def checkpoint_archive_url(run_id: str, kind: str, name: str, request: Request, user: User = Depends(caller)) -> dict:
+        """SDK 0.34 / 0.35: a signed URL of the checkpoint as one tar (docs/wire-protocol.md §8);
+        answered as JSON, which those clients take as readily as a redirect."""
+        base = str(request.base_url).rstrip("/") + SIGNED_ARCHIVE_PATH
+        url, expires = registry.archive_url(ckpt_path(run_id, kind, name), base, user)
+        return {"url": url, "expires": iso(expires)}
+
+    @r.get("/signed_archive")
+    async def signed_archive(token: str = Query(...)):
+        try:
+            row = registry.open_archive(token)
+        except Forbidden as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=403)
+        archive = CheckpointArchive(Path(row.directory), aware(row.created_at).timestamp())
+        file_name = f"{row.run_id}_{row.kind}_{row.name}.tar".replace(":", "_")
+        return StreamingResponse(archive, media_type="application/x-tar", headers={
+            "Content-Length": str(archive.size), "Content-Disposition": f'attachment; filename="{file_name}"'})
 
     # -- weights uploads (SDK 0.39: external_weights_upload_start / _finish) --------------------
 

@@ -435,6 +435,37 @@ class Registry:
             raise NotFound(f"{file_name} is not a file of {tinker_path_of(row)}")
         return file
 
+    def archive_url(self, path: TinkerPath, base_url: str, user: User,
+                    now: dt.datetime | None = None) -> tuple[str, dt.datetime]:
+        """A signed URL of one tar of a checkpoint's files, any kind (SDK 0.34 / 0.35's
+        get_checkpoint_archive_url and their `tinker checkpoint download`). Only for a user who
+        may read it; the "a" claim keeps the token apart from the per-file download tokens."""
+        row = self.checkpoint(path, user)
+        if not Path(row.directory).is_dir():
+            raise NotFound(f"checkpoint {path} is listed but its files are missing")
+        expires = (now or utcnow()) + DOWNLOAD_URL_LIFETIME
+        body = json.dumps({"a": row.id, "e": int(expires.timestamp())}, separators=(",", ":"))
+        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+        return f"{base_url}?token={payload}.{self._signature(payload)}", expires
+
+    def open_archive(self, token: str, now: dt.datetime | None = None) -> CheckpointRow:
+        """The checkpoint an archive token grants, or Forbidden / NotFound."""
+        payload, _, signature = token.partition(".")
+        if not payload or not hmac.compare_digest(signature, self._signature(payload)):
+            raise Forbidden("invalid archive signature")
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            row_id, expires = int(claims["a"]), int(claims["e"])
+        except (ValueError, KeyError, TypeError):
+            raise Forbidden("malformed archive token") from None
+        if (now or utcnow()).timestamp() > expires:
+            raise Forbidden("this archive URL has expired; ask for a new one (get_checkpoint_archive_url)")
+        with self.db() as s:
+            row = s.get(CheckpointRow, row_id)
+        if row is None or not Path(row.directory).is_dir():
+            raise NotFound("the checkpoint of this archive URL was deleted")
+        return row
+
     def sign_upload(self, upload_id: str, file_name: str, expires: dt.datetime) -> str:
         """A token to PUT one file of one weights upload, valid until `expires` (same key as downloads;
         the "u" claim keeps the two kinds of token apart)."""
