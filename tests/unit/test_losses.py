@@ -428,7 +428,7 @@ def test_validate_loss_request_keeps_given_values_as_floats() -> None:
     ("loss_fn", "config", "message"),
     [
         ("foo", {}, "unknown loss_fn 'foo'"),
-        ("custom", {"loss_id": "abc"}, "unknown loss_fn 'custom'"),
+        ("custom", {"loss_id": "abc"}, "needs a loss created with ServiceClient.create_custom_loss"),
         ("ppo", {"clip_low": 0.8}, "unknown loss_fn_config key 'clip_low'"),
         ("cross_entropy", {"beta": 0.1}, "unknown loss_fn_config key 'beta'"),
         ("importance_sampling", {"clip_high_threshold": 1.2}, "clip_high_threshold"),

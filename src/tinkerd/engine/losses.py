@@ -31,9 +31,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tinkerd.engine import custom_loss
+from tinkerd.loss_graph import LossGraph
 from tinkerd.types import UserError
 
 __all__ = [
+    "CUSTOM",
     "LOSS_NAMES",
     "STABLE_REINFORCE_TRUNCATED_IS",
     "LossInputError",
@@ -107,6 +110,9 @@ _CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 LOSS_NAMES: frozenset[str] = frozenset(_CONFIG_DEFAULTS)
+# A loss the user defined with create_custom_loss (§2.8): its config carries the checked graph
+# (engine/custom_loss.py), which the server put there in place of the request's loss_id.
+CUSTOM = "custom"
 
 _REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("target_tokens", "weights"),
@@ -157,8 +163,14 @@ def validate_loss_request(
     """Check the loss name and its config once per request; return config with defaults.
 
     Unknown keys are rejected because a typo would otherwise change training silently
-    (docs/losses.md §1.7). Values come back as plain Python floats.
+    (docs/losses.md §1.7). Values come back as plain Python floats. For ``custom``, the
+    config's graph comes back rebuilt as ``{"evaluator": CompiledLoss}``.
     """
+    if loss_fn == CUSTOM:
+        graph = (config or {}).get("graph")
+        if not isinstance(graph, LossGraph):
+            raise LossInputError("loss_fn 'custom' needs a loss created with ServiceClient.create_custom_loss")
+        return {"evaluator": custom_loss.compile_loss(graph)}  # type: ignore[dict-item]
     _require_known_loss(loss_fn)
     defaults = _CONFIG_DEFAULTS[loss_fn]
     given = dict(config or {})
@@ -302,8 +314,15 @@ def validate_datum_inputs(
     Required keys, dtypes, shapes (leading dim == ``n_tokens``; ``(N, K)`` targets and
     weights only for cross_entropy) and finiteness (docs/losses.md §1.7). Unknown keys are ignored: RL
     datums legitimately carry e.g. ``weights`` or ``mask`` (docs/losses.md §1.2, docs/losses.md §1.7). Passing the
-    validated request ``config`` also checks per-token clip overrides against it.
+    validated request ``config`` also checks per-token clip overrides against it; a
+    ``custom`` loss needs it, and checks the datum against the loss's declared inputs.
     """
+    if loss_fn == CUSTOM:
+        evaluator = (config or {}).get("evaluator")
+        if not isinstance(evaluator, custom_loss.CompiledLoss):
+            raise LossInputError("loss_fn 'custom' needs the validated config of validate_loss_request")
+        evaluator.check_datum(inputs, n_tokens)
+        return
     _require_known_loss(loss_fn)
     tokens = _input_tensor(loss_fn, inputs, "target_tokens")
     _check_target_tokens(loss_fn, tokens, n_tokens)
@@ -781,6 +800,9 @@ def compute_datum_loss(
     the datum's dense ``loss_fn_inputs``. ``config``: output of validate_loss_request.
     ``stability``: recorded sampling info (read by stable_reinforce only).
     """
+    if loss_fn == CUSTOM:
+        result = config["evaluator"](target_logprobs.to(torch.float32), inputs)  # type: ignore[operator]
+        return LossResult(loss=result.loss, metrics=result.metrics)
     _require_known_loss(loss_fn)
     tokens = _input_tensor(loss_fn, inputs, "target_tokens")
     if target_logprobs.shape != tokens.shape:

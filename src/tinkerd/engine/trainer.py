@@ -178,7 +178,7 @@ class Trainer:
         """Check one call against its adapter, the model and its loss; raises UserError."""
         adapter = self.adapter(call.adapter_id)
         config = losses.validate_loss_request(call.loss_fn, call.config)
-        self._validate_datums(call.datums, call.loss_fn)
+        self._validate_datums(call.datums, call.loss_fn, config)
         return PreparedCall(adapter, call.datums, call.loss_fn, config)
 
     def _check_tokens(self, tokens: np.ndarray, what: str) -> None:
@@ -189,7 +189,7 @@ class Trainer:
             bad = int(tokens[(tokens < 0) | (tokens >= vocab)][0])
             raise UserError(f"{what} contains token id {bad}, outside the vocabulary [0, {vocab})")
 
-    def _validate_datums(self, datums: list[Datum], loss_fn: str) -> None:
+    def _validate_datums(self, datums: list[Datum], loss_fn: str, config: dict) -> None:
         if not datums:
             raise UserError("forward_backward needs at least one datum")
         context = self.cfg.max_context
@@ -205,7 +205,8 @@ class Trainer:
                 raise UserError(f"datum {i} target_tokens contains an id outside the vocabulary [0, {self.cfg.vocab_size})")
             try:
                 tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in datum.inputs.items()}
-                losses.validate_datum_inputs(loss_fn, tensors, n)
+                # A custom loss checks each datum against its own declared inputs (its config).
+                losses.validate_datum_inputs(loss_fn, tensors, n, config if loss_fn == losses.CUSTOM else None)
                 if datum.stability is not None and "advantages" in tensors:
                     losses.validate_stability_info(tensors["advantages"], _stability(datum))
             except losses.LossInputError as exc:
