@@ -21,6 +21,8 @@ Benchmarks (one module each, `run(ctx, smoke) -> dict`):
                     half                                                         < 1.1x
   ray_engines       the engine as a Ray actor (serve --ray) vs in the server's
                     process: sampling 32 x 64 and training 8 x 128 tokens/s      >= 0.9x
+  custom_loss       a DPO step (8 pairs x 128 tokens) with the loss run on the
+                    server vs on the client (forward + surrogate backward)       >= 1.3x
 
 The server is a real `tinkerd serve` subprocess driven by the unmodified tinker SDK; the
 baselines run in this process, taking turns with the server, never at the same time.
@@ -41,6 +43,7 @@ import traceback
 from pathlib import Path
 
 BENCHMARKS = ["train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling", "moe", "fairness", "ray_engines",
+              "custom_loss",
               "memory"]
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -84,7 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
     service = Service(data_dir, engines, session_timeout=args.session_timeout, database_url=args.database_url,
                       max_queued_per_user=args.max_queued_per_user)
     keys = set(args.api_key) if args.api_key else None
-    app = create_app(service, hold_seconds=args.long_poll_seconds, api_keys=keys)
+    app = create_app(service, hold_seconds=args.long_poll_seconds, api_keys=keys,
+                     custom_loss_server_side=not args.client_side_custom_losses)
     metadata = f", metadata: {shown(args.database_url)}" if args.database_url else ""
     print(f"tinkerd serving {', '.join(engines)} on http://{args.host}:{args.port} (data: {data_dir}{metadata})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=75)
@@ -296,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
                             f"send the request again a little later (0: no cap; default: {DEFAULT_MAX_QUEUED_PER_USER})")
     serve.add_argument("--session-timeout", type=float, default=120.0,
                        help="seconds without heartbeat before a session's in-memory state is freed (default: 120)")
+    serve.add_argument("--client-side-custom-losses", action="store_true",
+                       help="tell the SDK to run create_custom_loss losses on the client (a forward, then a "
+                            "cross_entropy backward) instead of uploading them to run here in one pass")
     serve.add_argument("--long-poll-seconds", type=float, default=25.0, help="how long retrieve_future holds (default: 25)")
     serve.add_argument("--api-key", action="append",
                        help="also accept this key, as the one local user; repeatable (default, while no key was created "

@@ -33,7 +33,8 @@ OPEN_PATHS = {"/api/v1/healthz", "/healthz", "/", SIGNED_DOWNLOAD_PATH, SIGNED_A
               METRICS_PATH}
 
 
-def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] | None = None) -> FastAPI:
+def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] | None = None,
+               custom_loss_server_side: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start(asyncio.get_running_loop())
@@ -81,7 +82,7 @@ def create_app(service: Service, hold_seconds: float = 25.0, api_keys: set[str] 
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
         return _error(422, f"invalid request: {problems}", request)
 
-    app.include_router(build_router(service, hold_seconds))
+    app.include_router(build_router(service, hold_seconds, custom_loss_server_side))
     app.include_router(build_rest_router(service))
     app.include_router(metrics_router)
     for router in build_openai_routers(service):

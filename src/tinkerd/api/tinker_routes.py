@@ -126,7 +126,7 @@ def token_user(request: Request, weights_access_token: str | None) -> User | Non
     return reader
 
 
-def build_router(service: Service, hold_seconds: float) -> APIRouter:
+def build_router(service: Service, hold_seconds: float, custom_loss_server_side: bool = True) -> APIRouter:
     r = APIRouter(prefix="/api/v1")
 
     # -- housekeeping --------------------------------------------------------------------
@@ -138,7 +138,10 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
         # Batched polling of sampling results (retrieve_futures), with server-numbered clones.
         # JWT exchange (identity tokens: whoami reads the caller from one); batched polling of
         # sampling results (retrieve_futures), with server-numbered clones.
-        return {"pjwt_auth_enabled": True, "sample_use_retrieve_futures": True, "sample_join_sampling_session": True}
+        # custom_loss_server_side: create_custom_loss uploads the traced loss and
+        # forward_backward_custom runs it here in one pass (off: the SDK runs it client-side).
+        return {"pjwt_auth_enabled": True, "sample_use_retrieve_futures": True, "sample_join_sampling_session": True,
+                "custom_loss_server_side": custom_loss_server_side}
 
     # -- identity --------------------------------------------------------------------------
 
@@ -271,6 +274,16 @@ def build_router(service: Service, hold_seconds: float) -> APIRouter:
             config = wire.loss_config(msg)
             entry = service.forward_backward(msg.model_id, msg.seq_id, datums, msg.loss_fn, config, msg.forward_only, user)
         return promise(entry, msg.model_id)
+
+    @r.post("/create_custom_loss")
+    async def create_custom_loss(request: Request, user: User = Depends(caller)) -> dict:
+        # Read by hand, not with the SDK's model: a refused node is named by its name, not its index.
+        body = await json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("session_id"), str):
+            raise UserError("create_custom_loss needs session_id", field="session_id")
+        entry = service.create_custom_loss(body["session_id"], body.get("custom_loss_seq_id"), body.get("name"),
+                                           body.get("inputs"), body.get("graph"), user)
+        return promise(entry)
 
     @r.post("/optim_step")
     async def optim_step(request: Request, user: User = Depends(caller)) -> dict:

@@ -34,6 +34,7 @@ from sqlalchemy import select
 
 from tinkerd.core import audit, sampling
 from tinkerd.core.access import SYSTEM, User
+from tinkerd.core.custom_losses import CustomLosses
 from tinkerd.core.db import (
     CheckpointRow,
     MetricRow,
@@ -167,6 +168,7 @@ class Service:
         self.session_seen: dict[str, float] = {}
         self.session_owners: dict[str, str] = {}  # live sessions
         self.stability = StabilityStore()
+        self.custom_losses = CustomLosses()
         self._bookkeeping = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinkerd-bookkeeping")
         self._janitor: asyncio.Task | None = None
         self._recover_after_restart()
@@ -218,6 +220,7 @@ class Service:
         for sampler_id in [k for k, st in self.samplers.items() if st.session_id == session_id]:
             del self.samplers[sampler_id]
         self.futures.drop_session(session_id)
+        self.custom_losses.drop_session(session_id)
         with self.db.begin() as s:
             row = s.get(SessionRow, session_id)
             if row is not None and row.status == "active":
@@ -453,6 +456,8 @@ class Service:
     ) -> FutureEntry:
         state = self._model(model_id, user)
         self._attach_provenance(state.session_id, datums, loss_fn)
+        if loss_fn == "custom":  # the engine gets the loss itself, as checked data
+            config = {"graph": self.custom_losses.graph_for(config.get("loss_id"), state.session_id)}
         call = ForwardBackwardCall(model_id, datums, loss_fn, config, forward_only)
 
         def record(result: TrainResult) -> TrainResult:
@@ -478,6 +483,15 @@ class Service:
             check_tiling(d.loss_fn_input_spans or [], n_targets, f"datum {i} loss_fn_input_spans")
             if loss_fn == "stable_reinforce" and targets is not None:
                 d.stability = stability_for_datum(d.loss_fn_input_spans or [], targets, self.stability, session_id)
+
+    def create_custom_loss(self, session_id: str, seq_id: Any, name: Any, inputs: Any, graph: Any, user: User) -> FutureEntry:
+        """Check and keep a loss for `loss_fn="custom"` (core/custom_losses.py). The SDK waits
+        on a future for the loss_id; it is resolved at once, and a refused loss is a 400."""
+        self._require_session(session_id, user)
+        loss_id = self.custom_losses.create(session_id, seq_id, name, inputs, graph)
+        entry = self.futures.create("create_custom_loss", session_id)
+        self.futures.resolve(entry, {"loss_id": loss_id, "type": "create_custom_loss"})
+        return entry
 
     def optim_step(self, model_id: str, seq_id: int | None, params: AdamParams, user: User) -> FutureEntry:
         state = self._model(model_id, user)
