@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast test-cookbook test-browser browser vendor-console vendor-console-check lint bench clean
+.PHONY: serve test test-fast test-cookbook test-browser test-sdk-versions sdk-versions sdk-versions-docs browser vendor-console vendor-console-check lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,16 +26,29 @@ serve: $(STAMP)
 
 # The whole suite, with the cookbook acceptance tier (tests/acceptance): ~4 min more on a
 # quiet 2-core box, plus ~2.5 min to build its venv the first time. test-fast leaves it out.
-test: $(STAMP) browser
+test: $(STAMP) browser sdk-versions
 	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not acceptance and not fuzz" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not acceptance and not fuzz and not sdk_versions" tests
 
 # tinker-cookbook 0.6.1 recipes, unmodified, against a real tinkerd (tests/acceptance).
 # Builds its own venv at .data/cookbook-venv on first use (PyPI), then reuses it.
 test-cookbook: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m acceptance -rA tests/acceptance
+
+# Every released tinker client (0.34, 0.35, 0.36, 0.38) runs tests/versions/surface.py against
+# one tinkerd, each from its own small venv under .data/sdk-versions (built once from the
+# package index, ~15 s each, sharing the dev venv's dependencies; a built one is skipped).
+sdk-versions: $(STAMP)
+	$(PY) tests/versions/sdk_venvs.py
+
+test-sdk-versions: sdk-versions
+	$(PY) -m pytest -q -p no:cacheprovider -m sdk_versions -rA tests/versions
+
+# Copy the table the tier last measured into docs/sdk-versions.md and the README.
+sdk-versions-docs:
+	$(PY) tests/versions/sdk_table.py
 
 # The console in a real browser (tests/browser): Debian's chromium, driven by Playwright
 # with the system browser as its executable (Playwright never downloads one).
