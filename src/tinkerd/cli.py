@@ -99,6 +99,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _start_engines(args: argparse.Namespace, sources: dict) -> dict:
     """The engine of each served model: in this process, or as Ray actors with --ray."""
     kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None
+    if args.prefix_cache_mb is not None and not 0 <= args.prefix_cache_mb < float("inf"):
+        raise ValueError(f"--prefix-cache-mb {args.prefix_cache_mb:g}: must be >= 0 (0 turns prompt reuse off)")
+    prefix_bytes = int(args.prefix_cache_mb * 2**20) if args.prefix_cache_mb is not None else None
     if args.ray is None:
         from tinkerd.engine.client import InProcessEngine
 
@@ -107,7 +110,8 @@ def _start_engines(args: argparse.Namespace, sources: dict) -> dict:
         engines = {}
         for source in sources.values():
             logging.info("loading %s from %s", source.name, source.path)
-            engines[source.name] = InProcessEngine(source.name, source.path, device=args.device, kv_cache_bytes=kv_bytes)
+            engines[source.name] = InProcessEngine(source.name, source.path, device=args.device, kv_cache_bytes=kv_bytes,
+                                                   prefix_cache_bytes=prefix_bytes)
         return engines
     from tinkerd.engine.ray_engine import RayClusterError, ReplicaPlan, connect, start_ray_engines
 
@@ -117,7 +121,7 @@ def _start_engines(args: argparse.Namespace, sources: dict) -> dict:
              for name in sources}
     try:
         connect(args.ray)
-        return start_ray_engines([(s.name, s.path) for s in sources.values()], plans, args.device, kv_bytes)
+        return start_ray_engines([(s.name, s.path) for s in sources.values()], plans, args.device, kv_bytes, prefix_bytes)
     except RayClusterError as exc:
         raise ValueError(str(exc)) from None
 
@@ -292,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--kv-cache-gb", type=float, default=None,
                        help="memory each model's sampler may use for its KV cache, in GiB; requests beyond it wait, and one "
                             "that could never fit is refused (default: half the free GPU memory, or a quarter of the RAM)")
+    serve.add_argument("--prefix-cache-mb", type=float, default=None, metavar="MB",
+                       help="memory each model's sampler may use, beside its KV cache, to keep recent prompts' K/V for "
+                            "later requests that begin alike (samples of one prompt, a growing conversation), least "
+                            "recently used out; 0 turns the reuse off (default: 1/8 of the KV cache budget)")
     serve.add_argument("--max-queued-per-user", type=int, default=DEFAULT_MAX_QUEUED_PER_USER, metavar="N",
                        help="requests one user may have in progress at once; past it the server answers 429 and the SDKs "
                             f"send the request again a little later (0: no cap; default: {DEFAULT_MAX_QUEUED_PER_USER})")

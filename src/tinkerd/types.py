@@ -123,6 +123,7 @@ class SampleResult:
     prompt_logprobs: list[float] | None = None  # NaN at position 0
     topk_prompt_ids: list[list[int]] | None = None
     topk_prompt_logprobs: list[list[float]] | None = None
+    prompt_cache_hit_tokens: int = 0  # prompt tokens whose K/V came from the sampler's prefix cache
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,13 @@ _COUNTERS = {  # EngineStats.counters key → (metric, help, extra label)
     "prefill_tokens": ("tinkerd_engine_tokens", "Tokens processed, by kind", ("kind", "prefill")),
     "decode_tokens": ("tinkerd_engine_tokens", "Tokens processed, by kind", ("kind", "decode")),
     "train_tokens": ("tinkerd_engine_tokens", "Tokens processed, by kind", ("kind", "train")),
+    "prefix_cache_hit_tokens": ("tinkerd_engine_tokens", "Tokens processed, by kind", ("kind", "prefill_cached")),
     "adapter_cache_hits": ("tinkerd_engine_adapter_cache", "Sampler adapter cache lookups and evictions", ("result", "hit")),
     "adapter_cache_misses": ("tinkerd_engine_adapter_cache", "Sampler adapter cache lookups and evictions", ("result", "miss")),
     "adapter_cache_evictions": ("tinkerd_engine_adapter_cache", "Sampler adapter cache lookups and evictions",
                                 ("result", "eviction")),
+    "prefix_cache_evictions": ("tinkerd_engine_prefix_cache_evictions", "Prompt K/V entries the sampler's prefix cache let go",
+                               None),
 }
 _LATENCIES = {
     "time_to_first_token": "Seconds from a sample request reaching the engine to its first token",

@@ -111,6 +111,8 @@ class Run:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            # Prompt tokens the engine took from its prefix cache instead of computing them.
+            "prompt_tokens_details": {"cached_tokens": sum(r.prompt_cache_hit_tokens for r in self.results if r is not None)},
         }
 
     def submit(self, p: int, on_token: Callable[[TokenEvent], None] | None = None) -> Future:

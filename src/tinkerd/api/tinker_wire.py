@@ -210,4 +210,5 @@ def sample_response(result: SampleResult) -> bytes:
         out.prompt_logprobs = np.asarray(result.prompt_logprobs, dtype=np.float32).tobytes()
     if result.topk_prompt_ids is not None:
         out.topk_prompt_logprobs.CopyFrom(_topk(result.topk_prompt_ids, result.topk_prompt_logprobs or []))
+    out.prompt_cache_hit_tokens = result.prompt_cache_hit_tokens
     return out.SerializeToString()

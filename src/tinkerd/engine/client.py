@@ -90,9 +90,10 @@ class InProcessEngine(EngineClient):
     """The engine of one base model, in this process, on its own thread."""
 
     def __init__(self, name: str, model_dir: Path, device: str | None = None, sampler_cache_size: int = 64,
-                 kv_cache_bytes: int | None = None):
+                 kv_cache_bytes: int | None = None, prefix_cache_bytes: int | None = None):
         """`kv_cache_bytes`: the sampler's KV cache budget (default: half the free GPU memory
-        after loading, or a quarter of the machine's RAM)."""
+        after loading, or a quarter of the machine's RAM). `prefix_cache_bytes`: memory for
+        prompt K/V kept across requests (0: none; default: 1/8 of the KV cache budget)."""
         from tinkerd.engine.meter import EngineMeter
         from tinkerd.engine.sampler import Cancellations
 
@@ -101,6 +102,7 @@ class InProcessEngine(EngineClient):
         self._device = device
         self._sampler_cache_size = sampler_cache_size
         self._kv_cache_bytes = kv_cache_bytes
+        self._prefix_cache_bytes = prefix_cache_bytes
         self.cancellations = Cancellations()
         self.meter = EngineMeter()  # counters and latencies, read by stats()
         from tinkerd.engine.scheduler import Scheduler
@@ -134,7 +136,8 @@ class InProcessEngine(EngineClient):
                      "; experts in torch, grouped by expert" if cfg.moe else "")
         adapters = AdapterCache(self._sampler_cache_size, device, dtype, self.meter)
         tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
-        return Trainer(model, self.name, adapters.put), Sampler(model, tokenizer, adapters, self.cancellations, self._kv_cache_bytes)
+        return Trainer(model, self.name, adapters.put), Sampler(model, tokenizer, adapters, self.cancellations, self._kv_cache_bytes,
+                                                                self._prefix_cache_bytes)
 
     def _load_model(self, device: Any, dtype: Any) -> Any:
         """The model of `model_dir` (a benchmark's engine may build one another way)."""

@@ -15,7 +15,8 @@ from tinkerd.types import LatencyHistogram
 # Seconds. Decode steps take milliseconds; first tokens and training passes up to minutes.
 BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 COUNTERS = ("decode_steps", "prefill_tokens", "decode_tokens", "train_tokens",
-            "adapter_cache_hits", "adapter_cache_misses", "adapter_cache_evictions")
+            "adapter_cache_hits", "adapter_cache_misses", "adapter_cache_evictions",
+            "prefix_cache_hit_tokens", "prefix_cache_evictions")
 LATENCIES = ("time_to_first_token", "decode_step", "forward_backward", "optim_step")
 
 

@@ -90,7 +90,8 @@ class EngineActor:
     """One replica of a base model's engine, in a Ray actor's process (an async actor: its
     methods wait on the engine's futures without holding a thread each)."""
 
-    def __init__(self, name: str, model_dir: str, device: str | None, kv_cache_bytes: int | None, threads: int):
+    def __init__(self, name: str, model_dir: str, device: str | None, kv_cache_bytes: int | None, threads: int,
+                 prefix_cache_bytes: int | None = None):
         # The actor's environment sets OMP_NUM_THREADS (`actor_environment`); torch's own
         # thread count is set here and on the engine thread, which runs every tensor op.
         import torch
@@ -99,7 +100,8 @@ class EngineActor:
         from tinkerd.engine.client import InProcessEngine
 
         self.name = name
-        self.engine = InProcessEngine(name, Path(model_dir), device=device, kv_cache_bytes=kv_cache_bytes)
+        self.engine = InProcessEngine(name, Path(model_dir), device=device, kv_cache_bytes=kv_cache_bytes,
+                                      prefix_cache_bytes=prefix_cache_bytes)
         self.engine.run_on_engine_thread(torch.set_num_threads, threads).result()
         self.held: set[str] = set()  # adapters whose state this process holds
         self.streams: dict[str, _TokenStream] = {}
@@ -455,7 +457,7 @@ def _largest_node_cpus(ray: Any) -> float:
 
 
 def start_ray_engines(models: list[tuple[str, Path]], plans: dict[str, ReplicaPlan], device: str | None,
-                      kv_cache_bytes: int | None) -> dict[str, EngineClient]:
+                      kv_cache_bytes: int | None, prefix_cache_bytes: int | None = None) -> dict[str, EngineClient]:
     """Start every replica of every model as a named actor (`<model>#<replica>` in the
     `tinkerd` namespace), wait for all of them to load, and route each model's requests
     over its replicas. Call `connect` first."""
@@ -488,7 +490,7 @@ def start_ray_engines(models: list[tuple[str, Path]], plans: dict[str, ReplicaPl
                 actor = actor_class.options(
                     name=actor_name, namespace=NAMESPACE, num_cpus=cpus, num_gpus=gpus,
                     max_restarts=-1, max_task_retries=0, max_concurrency=1000, runtime_env=actor_environment(threads),
-                ).remote(name, str(model_dir), device, kv_cache_bytes, threads)
+                ).remote(name, str(model_dir), device, kv_cache_bytes, threads, prefix_cache_bytes)
             except ValueError as exc:  # a live actor of that name: another tinkerd serves this model here
                 raise RayClusterError(f"cannot start actor {actor_name!r} in namespace {NAMESPACE!r}: {exc}") from None
             label = name if plan.replicas == 1 else f"{name} (replica {index})"

@@ -24,6 +24,7 @@ import torch
 from tinkerd.engine.meter import EngineMeter
 from tinkerd.engine.model import AdapterBatch, AdapterSegment, GroupedLora, KVCache, LlamaModel, LoraStacks, LoraWeights
 from tinkerd.engine.peft_io import read_checkpoint_dir
+from tinkerd.engine.prefix_cache import MIN_HIT_TOKENS, PrefixCache, PrefixEntry
 from tinkerd.engine.sampling import choose_tokens, make_generator
 from tinkerd.engine.trainer import TOKENS_PER_TRAIN_PASS, token_budget_groups
 from tinkerd.types import AdapterRef, SampledSequence, SampleRequest, SampleResult, TokenEvent, UserError
@@ -41,6 +42,7 @@ SHARED_STEP_ROWS = {"cpu": 8, "cuda": 256}
 # is prefilled over several rounds, with decode steps and other tenants' requests between.
 PREFILL_TOKENS_PER_ROUND = {"cpu": 2048, "cuda": 16384}
 IDLE_KV_CACHE_BYTES = 64 * 2**20  # an idle sampler keeps a cache up to this size (or 1/8 of the budget)
+PREFIX_CACHE_SHARE = 8  # the prompt-prefix cache may hold 1/8 of the KV budget's size unless told
 
 
 def default_kv_budget_bytes(device: torch.device) -> int:
@@ -64,6 +66,19 @@ def _tenants_in_turn(pending: list[PendingSample]) -> list[PendingSample]:
     for depth in range(max(len(q) for q in queues.values())):
         turns.extend(q[depth] for q in queues.values() if depth < len(q))
     return turns
+
+
+def _weights_identity(request: SampleRequest) -> str | None:
+    """The weights a request runs on, for the prefix cache: the adapter's key (AdapterRef: a
+    key names one set of weights and never two, in-flight versions included), None for the
+    base model."""
+    return None if request.adapter is None else request.adapter.key
+
+
+def _may_reuse_prefix(request: SampleRequest) -> bool:
+    """Whether a request's prompt may start from cached K/V: not when it asks for scores of its
+    prompt tokens (they need every position's hidden state, which the cache does not keep)."""
+    return not request.prompt_logprobs and request.topk_prompt_logprobs == 0
 
 
 def _extent(request: SampleRequest) -> int:
@@ -204,7 +219,7 @@ class AdapterCache:
 
 class Sampler:
     def __init__(self, model: LlamaModel, tokenizer, adapters: AdapterCache, cancellations: Cancellations,
-                 kv_budget_bytes: int | None = None):
+                 kv_budget_bytes: int | None = None, prefix_cache_bytes: int | None = None):
         self.model = model
         self.cfg = model.cfg
         self.device = model.device
@@ -223,6 +238,9 @@ class Sampler:
         self.kv_slot_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=self.dtype).element_size()
         self.kv_budget_bytes = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget_bytes(self.device)
         self.kv_budget_slots = max(1, self.kv_budget_bytes // self.kv_slot_bytes)
+        # Prompt K/V kept for later requests that begin alike (0: off); beside the KV budget.
+        self.prefix_cache = PrefixCache(
+            prefix_cache_bytes if prefix_cache_bytes is not None else self.kv_budget_bytes // PREFIX_CACHE_SHARE)
 
     # -- admission -------------------------------------------------------------------------
 
@@ -249,13 +267,61 @@ class Sampler:
         # rows with the same adapter (requests alternating between 8 checkpoints made 32 runs).
         first_seen: dict[int, int] = {}
         ready.sort(key=lambda item: first_seen.setdefault(id(item[1]), len(first_seen)))
-        for group in token_budget_groups(ready, TOKENS_PER_TRAIN_PASS, key=lambda item: len(item[0].request.prompt)):
-            touched: set[int] = set()
-            try:
-                self._prefill(group, touched)
-            except BaseException as exc:  # noqa: BLE001 - retried one request at a time below
-                self._prefill_one_by_one(group, touched, exc)
+        # Prompts that begin like an earlier one of this round wait for its K/V (docs/engine.md §4.8).
+        for wave in self._leaders_first(ready):
+            hits = self._cached_prefixes(wave)
+            for group in self._prefill_groups(wave, hits):
+                touched: set[int] = set()
+                try:
+                    self._prefill(group, touched, hits)
+                except BaseException as exc:  # noqa: BLE001 - retried one request at a time below
+                    self._prefill_one_by_one(group, touched, exc, hits)
         return waiting
+
+    def _leaders_first(self, ready: list[tuple[PendingSample, LoraWeights | None]]) -> list[list]:
+        """The round's requests in two waves: the second holds those with no cached prefix whose
+        prompt begins like an earlier one's of the same weights (a group of samples of one
+        prompt sent as separate requests): prefilled after the first wave, they start from
+        its K/V instead of all computing the same prefix side by side."""
+        if not self.prefix_cache.enabled:
+            return [ready]
+        first, second = [], []
+        heads: set[tuple] = set()
+        for pair in ready:
+            request = pair[0].request
+            if len(request.prompt) <= MIN_HIT_TOKENS:
+                first.append(pair)
+                continue
+            head = (_weights_identity(request), tuple(request.prompt[:MIN_HIT_TOKENS]))
+            if (head in heads and _may_reuse_prefix(request)
+                    and self.prefix_cache.lookup(_weights_identity(request), request.prompt)[0] is None):
+                second.append(pair)
+            else:
+                heads.add(head)
+                first.append(pair)
+        return [first, second] if second else [first]
+
+    def _cached_prefixes(self, wave: list[tuple[PendingSample, LoraWeights | None]]) -> dict[int, tuple[PrefixEntry, int]]:
+        """id(request) → (entry, n): the first n prompt tokens' K/V are in the prefix cache."""
+        hits = {}
+        for item, _ in wave:
+            if _may_reuse_prefix(item.request):
+                entry, n = self.prefix_cache.lookup(_weights_identity(item.request), item.request.prompt)
+                if entry is not None:
+                    hits[id(item)] = (entry, n)
+        return hits
+
+    def _prefill_groups(self, wave: list, hits: dict[int, tuple[PrefixEntry, int]]) -> list[list]:
+        """The passes of a wave: requests that go on from a cached prefix of the same length
+        share passes (their rows then start at one position), the others share theirs."""
+        by_start: dict[int, list] = {}
+        for pair in wave:
+            hit = hits.get(id(pair[0]))
+            by_start.setdefault(hit[1] if hit else 0, []).append(pair)
+        groups = []
+        for start, pairs in sorted(by_start.items(), reverse=True):
+            groups += token_budget_groups(pairs, TOKENS_PER_TRAIN_PASS, key=lambda item, s=start: len(item[0].request.prompt) - s)
+        return groups
 
     def _prefill_round(self, pending: list[PendingSample]) -> tuple[list[PendingSample], list[PendingSample]]:
         """(this round's requests, the rest): as many as PREFILL_TOKENS_PER_ROUND prompt tokens
@@ -300,7 +366,7 @@ class Sampler:
         return max(need_rows, min(want_rows, self.kv_budget_slots // length)), length
 
     def _prefill_one_by_one(self, group: list[tuple[PendingSample, LoraWeights | None]], touched: set[int],
-                            exc: BaseException) -> None:
+                            exc: BaseException, hits: dict[int, tuple[PrefixEntry, int]]) -> None:
         """A shared prefill pass failed: each request it had not started yet is prefilled on its
         own, so a request whose values fail a pass fails alone and the others go on. A request
         the pass had started (it may have streamed a token) and not placed fails with it."""
@@ -317,7 +383,7 @@ class Sampler:
                 self._fail_pending(item, exc)
                 continue
             try:
-                self._prefill([(item, adapter)], set())
+                self._prefill([(item, adapter)], set(), hits)
             except BaseException as alone:  # noqa: BLE001 - this request alone fails
                 log.exception("prefill of request %s failed", item.request.request_id)
                 self._fail_pending(item, alone)
@@ -327,14 +393,20 @@ class Sampler:
             self.cancellations.forget(item.request.request_id)
             item.future.set_exception(exc)
 
-    def _prefill(self, group: list[tuple[PendingSample, LoraWeights | None]], touched: set[int]) -> None:
+    def _prefill(self, group: list[tuple[PendingSample, LoraWeights | None]], touched: set[int],
+                 hits: dict[int, tuple[PrefixEntry, int]]) -> None:
         """One causal pass over right-padded prompts (row i uses request i's adapter). The
-        requests whose rows it has created are added to `touched`."""
-        lengths = [len(item.request.prompt) for item, _ in group]
+        requests whose rows it has created are added to `touched`. Requests in `hits` (all of
+        the group or none, with one prefix length: `_prefill_groups`) compute only the rest of
+        their prompt, attending to the cached K/V of its start."""
+        hit = hits.get(id(group[0][0]))
+        start = hit[1] if hit else 0
+        lengths = [len(item.request.prompt) - start for item, _ in group]  # positions this pass computes
         tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
         for i, (item, _) in enumerate(group):
-            tokens[i, : lengths[i]] = torch.tensor(item.request.prompt)
+            tokens[i, : lengths[i]] = torch.tensor(item.request.prompt[start:])
         tokens = tokens.to(self.device)
+        past = self._past(group, hits, start) if start else None
         segments: list[AdapterSegment] = []
         for i, (_, adapter) in enumerate(group):
             if segments and segments[-1].adapter is adapter:
@@ -344,27 +416,30 @@ class Sampler:
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stats["prefill_passes"] += 1
         self.meter.count("prefill_tokens", sum(lengths))
+        if start:
+            self.meter.count("prefix_cache_hit_tokens", start * len(group))
         batch = AdapterBatch(segments)
-        hidden = self.model.hidden_states(tokens, batch, kv_out=kv)
+        hidden = self.model.hidden_states(tokens, batch, kv_out=kv, past=past)
         # Every prompt's last position in one unembedding: its logits give the first token.
-        last_index = torch.tensor([n - 1 for n in lengths], device=self.device)
+        last_index = torch.tensor([n - 1 for n in lengths], device=self.device)  # in this pass's positions
         last_hidden = hidden[torch.arange(len(group), device=self.device), last_index][:, None]
         last_logits = self.model.logits(last_hidden, batch)[:, 0]
         started: list[tuple[list[_Row], list, int, int]] = []
         row_sources: list[int] = []
         for i, (item, adapter) in enumerate(group):
             request = item.request
-            n = lengths[i]
+            n = len(request.prompt)
             try:
                 prompt_logits = None
-                if request.prompt_logprobs or request.topk_prompt_logprobs > 0:
+                if request.prompt_logprobs or request.topk_prompt_logprobs > 0:  # then start is 0: _may_reuse_prefix
                     prompt_logits = self.model.logits(hidden[i : i + 1, :n], AdapterBatch.single(adapter, 1))[0]
-                rows = self._start_request(item, adapter, tokens[i, :n], prompt_logits)
+                rows = self._start_request(item, adapter, tokens[i, :n], prompt_logits, start)
             except BaseException as exc:  # noqa: BLE001 - its own prompt scores: this request alone fails
                 log.exception("prompt scores of request %s failed", request.request_id)
                 self._fail_pending(item, exc)
                 continue
             touched.add(id(item))
+            self._keep_prompt(request, [(k[i, :, :n], v[i, :, :n]) for k, v in kv])
             if rows:
                 own_kv = [(k[i : i + 1, :, :n], v[i : i + 1, :, :n]) for k, v in kv]
                 started.append((rows, own_kv, n, request.params.max_tokens))
@@ -381,15 +456,40 @@ class Sampler:
             if live:
                 self._place_rows(live, own_kv, n, max_tokens)
 
+    def _past(self, group: list, hits: dict[int, tuple[PrefixEntry, int]], start: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's K/V [rows, kv_heads, start, head_dim] of the group's cached prefixes."""
+        entries = [hits[id(item)][0] for item, _ in group]
+        if all(entry is entries[0] for entry in entries):  # one prompt's samples: a view, not copies
+            k = entries[0].k[:, None, :, :start].expand(-1, len(group), -1, -1, -1)
+            v = entries[0].v[:, None, :, :start].expand(-1, len(group), -1, -1, -1)
+        else:
+            k = torch.stack([entry.k[:, :, :start] for entry in entries], dim=1)
+            v = torch.stack([entry.v[:, :, :start] for entry in entries], dim=1)
+        return list(zip(k.unbind(0), v.unbind(0), strict=True))
+
+    def _keep_prompt(self, request: SampleRequest, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """A prefilled prompt's K/V (each layer's [kv_heads, len(prompt), head_dim]) into the
+        prefix cache, for later requests that begin alike. Failing to keep it fails nothing."""
+        if not self.prefix_cache.enabled:
+            return
+        try:
+            evicted = self.prefix_cache.evictions
+            self.prefix_cache.insert(_weights_identity(request), request.prompt, kv)
+            self.meter.count("prefix_cache_evictions", self.prefix_cache.evictions - evicted)
+        except Exception:  # noqa: BLE001 - a cache only: the request goes on without it
+            log.warning("keeping the prompt of request %s in the prefix cache failed", request.request_id, exc_info=True)
+
     def _start_request(
-        self, item: PendingSample, adapter: LoraWeights | None, tokens: torch.Tensor, prompt_logits: torch.Tensor | None
+        self, item: PendingSample, adapter: LoraWeights | None, tokens: torch.Tensor, prompt_logits: torch.Tensor | None,
+        cached_tokens: int = 0,
     ) -> list[_Row]:
         """A prefilled request's prompt scores (from `prompt_logits`, every position, when it
-        asked for them) and its sample rows, which still need their first token."""
+        asked for them) and its sample rows, which still need their first token.
+        `cached_tokens`: how many of its prompt tokens came from the prefix cache."""
         request = item.request
         prompt = request.prompt
         params = request.params
-        result = SampleResult(sequences=[])
+        result = SampleResult(sequences=[], prompt_cache_hit_tokens=cached_tokens)
         if prompt_logits is not None:
             lsm = torch.log_softmax(prompt_logits[:-1], dim=-1)
             if request.prompt_logprobs:

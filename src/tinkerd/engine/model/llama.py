@@ -145,9 +145,15 @@ class Attention(Module):
                     qk = torch.cat((self.q_norm(qk[:, :, :heads]), self.k_norm(qk[:, :, heads:])), dim=2)
                 q, k = apply_rotary(qk.transpose(1, 2), run.cos, run.sin).split((heads, kv_heads), dim=1)
                 v = qkv[:, :, heads + kv_heads :].transpose(1, 2)
+            if run.past is not None:  # a prefill that goes on from a cached prompt prefix
+                past_k, past_v = run.past[self.layer]
+                k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
             if run.kv_out is not None:  # prefill: the engine copies each layer's K/V into its cache
                 run.kv_out.append((k, v))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
+            if run.mask is not None:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=run.mask, enable_gqa=True)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=True)
             out = out.transpose(1, 2).reshape(bsz, seqlen, -1)
         return self.o_proj(out, run.adapters, run.packed)
 
@@ -233,11 +239,16 @@ class LlamaModel(Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         kv_out: list | None = None,
+        past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Final normed hidden states [B, T, H].
 
         Without `cache`: a causal pass over right-padded rows starting at position 0
         (training, scoring, prefill; `kv_out` collects each layer's K/V).
+        With `past` (each layer's K/V [B, kv_heads, P, head_dim] of the rows' first P tokens,
+        no gradients): the rows go on from position P, attending to those P tokens too, and
+        `kv_out` collects each layer's K/V of all P + T positions (a prefill after a cached
+        prompt prefix).
         With `cache`: a decode step, `tokens` [B, 1] at `positions` [B, 1] (no gradients).
         """
         if cache is not None:
@@ -247,10 +258,17 @@ class LlamaModel(Module):
                 step = (DecodeStep if self.kernels is None else KernelDecodeStep)(self, adapters, positions, cache)
                 return self._layers(F.embedding(tokens[:, 0], self.embed_tokens), step)[:, None]
         bsz, seqlen = tokens.shape
+        start = 0 if past is None else past[0][0].shape[2]
         if positions is None:
-            positions = torch.arange(seqlen, device=tokens.device)[None, :].expand(bsz, seqlen)
+            positions = torch.arange(start, start + seqlen, device=tokens.device)[None, :].expand(bsz, seqlen)
         x = F.embedding(tokens, self.embed_tokens)
-        return self._layers(x, CausalPass(adapters, *self.rotary(positions, x.dtype), kv_out))
+        run = CausalPass(adapters, *self.rotary(positions, x.dtype), kv_out)
+        if past is not None:
+            # Query i (position start + i) sees every past position and the new ones up to its own.
+            run.past = past
+            run.mask = torch.arange(start + seqlen, device=tokens.device)[None, :] <= torch.arange(
+                start, start + seqlen, device=tokens.device)[:, None]
+        return self._layers(x, run)
 
     def _layers(self, x: torch.Tensor, run: Pass) -> torch.Tensor:
         x, h = run.add_norm(x, None, self.layers[0].input_layernorm)
@@ -310,6 +328,8 @@ class CausalPass:
 
     def __init__(self, adapters: AdapterBatch | None, cos: torch.Tensor, sin: torch.Tensor, kv_out: list | None):
         self.adapters, self.cos, self.sin, self.kv_out = adapters, cos, sin, kv_out
+        self.past: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # K/V of positions before the rows'
+        self.mask: torch.Tensor | None = None  # [T, P + T], True = attend; with `past`
 
     def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """x + delta (out of place: autograd may need x), and its norm."""
