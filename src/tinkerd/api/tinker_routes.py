@@ -21,7 +21,6 @@ from tinkerd.api.bodies import json_body
 from tinkerd.api.sdk import types as T
 from tinkerd.core.access import User
 from tinkerd.core.audit import audit_log
-from tinkerd.core.completions import CompletionLogs
 from tinkerd.core.copies import copy_checkpoint
 from tinkerd.core.futures import FutureEntry
 from tinkerd.core.identity_tokens import ORG_ID, looks_like_token
@@ -131,7 +130,7 @@ def build_router(service: Service, hold_seconds: float, custom_loss_server_side:
 
     # -- housekeeping --------------------------------------------------------------------
 
-    completions = CompletionLogs(service.futures)
+    completions = service.completions
 
     @r.post("/client/config")
     async def client_config() -> dict:

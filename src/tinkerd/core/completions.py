@@ -11,6 +11,10 @@ cursor that only grows. A poll passes the cursor of the last answer it received:
 at or before it was seen and is dropped, and the rest is answered (or, when there is none
 yet, awaited up to the poll's hold time). The ids a poll reports as retrieved have had their
 results fetched, so the futures store may forget them at once.
+
+A sampler's logs live as long as the sampler: when it ends (its session finishes or stops
+heartbeating), Service drops them, so a long-running server's memory does not grow with
+every sampler it ever served.
 """
 
 from __future__ import annotations
@@ -88,6 +92,18 @@ class CompletionLogs:
                 pass
         fresh = [c for c in log.completions if c.cursor > prev_cursor]
         return fresh, max([prev_cursor] + [c.cursor for c in fresh])
+
+    def drop_sampler(self, sampler_id: str) -> None:
+        """Forget an ended sampler's logs and clone numbers. A poll awaiting one of its logs
+        answers at once with what it has; a sample still running logs into the dropped log,
+        which goes with its watcher."""
+        for key in [k for k in self._logs if k[0] == sampler_id]:
+            self._logs.pop(key).changed.set()
+        self._clients.pop(sampler_id, None)
+
+    def holds(self, sampler_id: str) -> bool:
+        """Whether anything of `sampler_id` is kept (a log or a clone number)."""
+        return sampler_id in self._clients or any(k[0] == sampler_id for k in self._logs)
 
     def join(self, sampler_id: str) -> int:
         """A clone number no other client of the sampler has (the original client is 0)."""

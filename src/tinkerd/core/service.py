@@ -34,6 +34,7 @@ from sqlalchemy import select
 
 from tinkerd.core import audit, sampling
 from tinkerd.core.access import SYSTEM, User
+from tinkerd.core.completions import CompletionLogs
 from tinkerd.core.custom_losses import CustomLosses
 from tinkerd.core.db import (
     CheckpointRow,
@@ -162,6 +163,7 @@ class Service:
         self.sampling = Sampling(engines, self.adapter_for_path)
         self.traces = SessionTraces()  # what each session's requests did when (`tinker session export-trace`)
         self.futures = FutureStore(traces=self.traces)
+        self.completions = CompletionLogs(self.futures)  # per-sampler, for retrieve_futures
         self.work = WorkCap(max_queued_per_user, self.futures)
         self.models: dict[str, ModelState] = {}
         self.samplers: dict[str, SamplerState] = {}
@@ -219,6 +221,7 @@ class Service:
             state.engine.drop_adapter(model_id)
         for sampler_id in [k for k, st in self.samplers.items() if st.session_id == session_id]:
             del self.samplers[sampler_id]
+            self.completions.drop_sampler(sampler_id)
         self.futures.drop_session(session_id)
         self.custom_losses.drop_session(session_id)
         with self.db.begin() as s:
