@@ -7,6 +7,8 @@ tinker:// path the 0.38 SDK then samples. Two users with keys: bob sees none of 
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -169,3 +171,35 @@ def test_upload_refuses_what_it_cannot_use(world, tmp_path):
     newer = alice.post("/api/v1/external_weights_upload_start", headers={"X-Stainless-Package-Version": "0.40.0"},
                        json={"base_model": MODEL_NAME, "lora_config": {"rank": 2}}).json()
     assert set(newer["urls"]["adapter_config.json"]) == {"url", "headers"}
+
+
+def test_two_finishes_at_once_make_one_checkpoint(world, tmp_path):
+    """A client that retries a finish whose answer it did not see, while the first still runs:
+    one checkpoint, and the other finish is a 4xx that says why (never a second checkpoint)."""
+    alice = world["http"]["alice"]
+    download_adapter(world, tmp_path)
+    started = alice.post("/api/v1/external_weights_upload_start",
+                         json={"base_model": MODEL_NAME, "lora_config": {"rank": 2}}).json()
+    for file_name, url in started["urls"].items():
+        assert httpx.put(url, content=(tmp_path / file_name).read_bytes()).status_code == 200
+    external_before = search(alice, checkpoint_type="external", limit=200).json()["checkpoints"]
+
+    both_ready = threading.Barrier(2)
+
+    def finish() -> httpx.Response:
+        with httpx.Client(base_url=world["srv"].base_url, headers={"X-API-Key": world["keys"]["alice"]}, timeout=120) as client:
+            both_ready.wait()
+            return client.post("/api/v1/external_weights_upload_finish", json={"upload_id": started["upload_id"]})
+
+    with ThreadPoolExecutor(2) as pool:
+        answers = sorted(pool.map(lambda _: finish(), range(2)), key=lambda r: r.status_code)
+    assert answers[0].status_code == 200, answers[0].text
+    path = answers[0].json()["tinker_path"]
+    other = answers[1]
+    if other.status_code == 200:
+        assert other.json()["tinker_path"] == path
+    else:
+        assert other.status_code in (404, 409) and started["upload_id"] in other.json()["detail"], other.text
+    external_after = search(alice, checkpoint_type="external", limit=200).json()["checkpoints"]
+    new = {c["tinker_path"] for c in external_after} - {c["tinker_path"] for c in external_before}
+    assert new == {path}

@@ -11,6 +11,12 @@ An upload in progress is a directory under <data dir>/uploads/ holding its reque
 files received so far. It belongs to the user who started it: anyone else finishing it is
 told it does not exist. Its URLs, and the upload itself, last an hour; an abandoned one is
 deleted by the next `start` after that.
+
+`finish` first claims the upload by renaming its request file: a rename is atomic, so of
+two finishes at once (two threads, or two server processes on one data dir) exactly one
+imports it and makes a checkpoint; the other is told the upload is already being finished
+(409), or, once that one is done, that it does not exist. A claimed upload takes no more
+files, and an import that fails hands the claim back, so the upload can be finished again.
 """
 
 from __future__ import annotations
@@ -37,11 +43,16 @@ UPLOAD_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MAX_UPLOAD_FILE_BYTES = 4 << 30
 MAX_CONFIG_FILE_BYTES = 1 << 20
 REQUEST_FILE = "upload.json"
+CLAIMED_FILE = "upload.finishing.json"  # the request file while a finish imports the upload
 MAX_LORA_RANK = 512
 
 
 class UploadTooLarge(UserError):
     status = 413
+
+
+class UploadBeingFinished(UserError):
+    status = 409
 
 
 def check_lora_config(value: Any) -> dict:
@@ -77,12 +88,26 @@ class WeightsUploads:
         except (FileNotFoundError, ValueError):
             raise NotFound(f"unknown upload {upload_id!r}") from None
 
+    def _check_not_claimed(self, upload_id: str, user: User) -> None:
+        """UploadBeingFinished when another finish is importing `user`'s upload (to anyone
+        else, it does not exist)."""
+        try:
+            owner = json.loads((self._dir(upload_id) / CLAIMED_FILE).read_text())["owner"]
+        except (OSError, ValueError, KeyError):
+            return
+        if owner == user.name:
+            raise UploadBeingFinished(f"upload {upload_id} is already being finished by another request; "
+                                      "that request answers its checkpoint's path")
+
     def _remove_expired(self, now: dt.datetime) -> None:
         for directory in self.root.iterdir() if self.root.is_dir() else []:
-            try:
-                expires = json.loads((directory / REQUEST_FILE).read_text())["expires"]
-            except (OSError, ValueError, KeyError):
-                expires = 0  # a start that crashed before its request was written
+            expires = 0  # a start that crashed before its request was written
+            for name in (REQUEST_FILE, CLAIMED_FILE):  # claimed: a finish is importing it
+                try:
+                    expires = json.loads((directory / name).read_text())["expires"]
+                    break
+                except (OSError, ValueError, KeyError):
+                    continue
             if expires < now.timestamp() - 60:
                 shutil.rmtree(directory, ignore_errors=True)
 
@@ -133,7 +158,11 @@ class WeightsUploads:
         from tinkerd.export import import_peft_dir
         from tinkerd.model_store import resolve_model
 
-        request = self._request(upload_id)
+        try:
+            request = self._request(upload_id)
+        except NotFound:
+            self._check_not_claimed(upload_id, user)
+            raise
         if request["owner"] != user.name:
             raise NotFound(f"unknown upload {upload_id!r}")
         if request["expires"] < utcnow().timestamp():
@@ -148,10 +177,19 @@ class WeightsUploads:
         except ValueError as exc:
             raise UserError(f"cannot load base model {request['base_model']!r}: {exc}") from None
         lora_config = request["lora_config"]
-        path = import_peft_dir(
-            directory, self.registry.db, self.data_dir, base, user.name, kind="external_weights", name="uploaded",
-            session_prefix="upload", tags=["weights-upload"], metadata={"upload_id": upload_id},
-            project_id=request["project_id"], rank=int(lora_config["rank"]),
-        )
+        try:
+            os.rename(directory / REQUEST_FILE, directory / CLAIMED_FILE)
+        except FileNotFoundError:  # another finish claimed it since it was read above
+            self._check_not_claimed(upload_id, user)
+            raise NotFound(f"unknown upload {upload_id!r}") from None
+        try:
+            path = import_peft_dir(
+                directory, self.registry.db, self.data_dir, base, user.name, kind="external_weights", name="uploaded",
+                session_prefix="upload", tags=["weights-upload"], metadata={"upload_id": upload_id},
+                project_id=request["project_id"], rank=int(lora_config["rank"]),
+            )
+        except BaseException:
+            os.rename(directory / CLAIMED_FILE, directory / REQUEST_FILE)  # not imported: it may be finished again
+            raise
         shutil.rmtree(directory, ignore_errors=True)
         return path
