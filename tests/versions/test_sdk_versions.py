@@ -52,8 +52,8 @@ def matrix(model_dir, tmp_path_factory) -> dict[str, list[dict]]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     for old in RESULTS.glob("tinker-*.json"):
         old.unlink()
-    for version in VERSIONS:  # one at a time: pip builds them; a built one is a stamp check
-        ensure_venv(version)
+    with ThreadPoolExecutor(len(VERSIONS)) as pool:  # a built one is a stamp check
+        list(pool.map(ensure_venv, VERSIONS))
     srv = Server(model_dir, tmp_path_factory.mktemp("sdk-versions") / "data").start()
     try:
         with ThreadPoolExecutor(len(VERSIONS)) as pool:
