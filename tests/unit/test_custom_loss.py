@@ -296,3 +296,20 @@ def test_losses_belong_to_their_session():
     store.drop_session("sess-a")
     with pytest.raises(UserError, match="unknown loss_id"):
         store.graph_for(loss_id, "sess-a")
+
+
+def test_the_client_config_flag_follows_the_serve_option():
+    from unittest.mock import MagicMock
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from tinkerd.api.tinker_routes import build_router
+    from tinkerd.cli import build_parser
+
+    for args, server_side in (([], True), (["--client-side-custom-losses"], False)):
+        parsed = build_parser().parse_args(["serve", *args])
+        app = FastAPI()
+        app.include_router(build_router(MagicMock(), 1.0,  # client/config reads no state
+                                        custom_loss_server_side=not parsed.client_side_custom_losses))
+        assert TestClient(app).post("/api/v1/client/config").json()["custom_loss_server_side"] is server_side

@@ -228,7 +228,10 @@ def _run(loss: str, node: Node, fn: Callable, kind: str, args: tuple, kwargs: di
     if kind in ("factory", "copying_factory") or "device" in kwargs:
         kwargs["device"] = device
     if kind not in ("getattr", "math") and not (kind == "operator" and not _tensors(args)):
-        _check_size_before(loss, node, fn, args, kwargs, bound)
+        if kind in ("factory", "copying_factory") or node.target in _SIZED_ON_META:
+            _check_size_before(loss, node, fn, args, kwargs, bound)
+        else:
+            _check_broadcast_size(loss, node, args, kwargs, bound)
     try:
         result = fn(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - torch's shape and type errors are the user's
@@ -250,6 +253,27 @@ def _check_operator_args(loss: str, node: Node, args: tuple) -> None:
     if node.target in ("operator.pow", "operator.lshift") and len(args) == 2 and all(type(a) is int for a in args) \
             and abs(args[1]) > MAX_INT_EXPONENT:
         raise _refuse(loss, node.name, f"integer exponent {args[1]} is more than {MAX_INT_EXPONENT}")
+
+
+# Operations whose result may hold more elements than their tensor arguments broadcast
+# together: indexing with index tensors, joining lists, selecting by index, expanding. Their size
+# is worked out on meta tensors (about a millisecond: meta kernels are Python); every other
+# allowlisted operation is elementwise, a reduction or a reshape, whose result is no larger than
+# its arguments broadcast (growth beyond that is at most linear, and the check after the call
+# catches it).
+_SIZED_ON_META = frozenset({"operator.getitem", "torch.stack", "torch.cat", "torch.concat", "torch.index_select",
+                            "index_select", "expand", "expand_as", "torch.diff", "diff"})
+
+
+def _check_broadcast_size(loss: str, node: Node, args: tuple, kwargs: dict, bound: int) -> None:
+    tensors = _tensors((args, kwargs))
+    try:
+        estimate = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors))) if tensors else 0
+    except RuntimeError:  # shapes that do not broadcast: the call fails, or does not broadcast
+        estimate = max(t.numel() for t in tensors)
+    if estimate > bound:
+        raise _refuse(loss, node.name, f"its result would hold {estimate} elements, more than this datum's bound "
+                                       f"of {bound} ({NODE_ELEMENT_FACTOR} per element of its logprobs and inputs)")
 
 
 def _check_size_before(loss: str, node: Node, fn: Callable, args: tuple, kwargs: dict, bound: int) -> None:
