@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 import tinker
-from test_cross_user import TINKER_CLI, create_key, tinkerd
+from test_cross_user import TINKER_CLI, keys_and_project
 
 from tinkerd_testing import MODEL_NAME, Server
 
@@ -25,10 +25,7 @@ from tinkerd_testing import MODEL_NAME, Server
 @pytest.fixture(scope="module")
 def lab(model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("storage") / "data"
-    data_dir.mkdir(parents=True)
-    keys = {name: create_key(data_dir, name) for name in ("alice", "bob", "carol")}
-    made = tinkerd("projects", "create", "lab", "--member", "alice", "--member", "bob", "--data-dir", str(data_dir))
-    assert made.returncode == 0, made.stderr
+    keys = keys_and_project(data_dir, "lab")
     srv = Server(model_dir, data_dir).start()
     try:
         shared = tinker.ServiceClient(base_url=srv.base_url, api_key=keys["alice"], project_id="lab")

@@ -40,6 +40,16 @@ def create_key(data_dir: Path, name: str, *extra: str) -> str:
     return proc.stdout.strip()
 
 
+def keys_and_project(data_dir: Path, project: str) -> dict[str, str]:
+    """The API keys of alice, bob and carol in a new data dir, where alice and bob are members
+    of project `project` and carol is not; made before a server starts on the data dir."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    keys = {name: create_key(data_dir, name) for name in ("alice", "bob", "carol")}
+    made = tinkerd("projects", "create", project, "--member", "alice", "--member", "bob", "--data-dir", str(data_dir))
+    assert made.returncode == 0, made.stderr
+    return keys
+
+
 def datum(tokenizer, text: str) -> types.Datum:
     ids = tokenizer.encode(text)
     return types.Datum(model_input=types.ModelInput.from_ints(ids[:-1]),

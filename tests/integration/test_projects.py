@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 import tinker
-from test_cross_user import create_key, datum, tinkerd
+from test_cross_user import datum, keys_and_project
 from tinker import types
 
 from tinkerd_testing import MODEL_NAME, Server
@@ -23,10 +23,7 @@ from tinkerd_testing import MODEL_NAME, Server
 @pytest.fixture(scope="module")
 def lab(model_dir, tmp_path_factory, tokenizer):
     data_dir = tmp_path_factory.mktemp("projects") / "data"
-    data_dir.mkdir(parents=True)
-    keys = {name: create_key(data_dir, name) for name in ("alice", "bob", "carol")}
-    made = tinkerd("projects", "create", "vision", "--member", "alice", "--member", "bob", "--data-dir", str(data_dir))
-    assert made.returncode == 0, made.stderr
+    keys = keys_and_project(data_dir, "vision")
     srv = Server(model_dir, data_dir).start()
     try:
         alice = tinker.ServiceClient(base_url=srv.base_url, api_key=keys["alice"], project_id="vision")

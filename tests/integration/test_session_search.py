@@ -12,7 +12,7 @@ import warnings
 import httpx
 import pytest
 import tinker
-from test_cross_user import create_key, tinkerd
+from test_cross_user import keys_and_project
 from tinker import types
 
 from tinkerd_testing import MODEL_NAME, Server
@@ -21,10 +21,7 @@ from tinkerd_testing import MODEL_NAME, Server
 @pytest.fixture(scope="module")
 def lab(model_dir, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("session-search") / "data"
-    data_dir.mkdir(parents=True)
-    keys = {name: create_key(data_dir, name) for name in ("alice", "bob", "carol")}
-    made = tinkerd("projects", "create", "team", "--member", "alice", "--member", "bob", "--data-dir", str(data_dir))
-    assert made.returncode == 0, made.stderr
+    keys = keys_and_project(data_dir, "team")
     srv = Server(model_dir, data_dir).start()
     try:
         sessions = {}
