@@ -36,6 +36,8 @@ ROUTES = [
     ("PUT", "/api/v1/training_runs/{run}/checkpoints/{kind}/{name}/ttl", [], True),
     ("GET", "/api/v1/training_runs/{run}/checkpoints/{kind}/{name}/external_weights_urls", [], False),
     ("GET", "/api/v1/signed_download", ["token"], False),
+    ("GET", "/api/v1/training_runs/{run}/checkpoints/{kind}/{name}/archive", [], False),
+    ("GET", "/api/v1/signed_archive", ["token"], False),
     ("POST", "/api/v1/weights_info", [], True),
     ("GET", "/api/v1/sessions", ["limit", "offset", "access_scope"], False),
     ("GET", "/api/v1/sessions/{session}", [], False),
