@@ -95,3 +95,13 @@ def test_a_deleted_checkpoint_has_no_archive(registry: Registry):
         registry.open_archive(token)
     with pytest.raises(NotFound):
         registry.archive_url(PATH, "http://h/a", LOCAL_USER)
+
+
+def test_only_those_who_may_read_the_checkpoint_get_an_archive_url(registry: Registry):
+    from tinkerd.core.access import User
+
+    stranger = User("mallory")
+    with pytest.raises(NotFound):
+        registry.archive_url(PATH, "http://h/a", stranger)
+    registry.set_public(PATH, True, LOCAL_USER)
+    assert registry.open_archive(token_of(registry.archive_url(PATH, "http://h/a", stranger)[0])).name == "state"
