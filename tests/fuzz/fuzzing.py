@@ -51,6 +51,11 @@ HOSTILE_SCALARS = [
     "%00", "a/b\\c", "tml-test", ONE_MB,
 ]
 
+# One of each kind above, [] and {}: for the per-field sweeps of the newer routes.
+FEW_HOSTILE_SCALARS = [
+    None, True, -1, 2**64, NAN, INF, "", "\x00", "\ud800", "a" * 300, "tinker://x/weights/../../../x", [], {},
+]
+
 
 def hostile_values(depth: int = 2) -> st.SearchStrategy[Any]:
     """Wrong types, extreme numbers, NaN and infinities, odd and huge strings, nested shapes."""

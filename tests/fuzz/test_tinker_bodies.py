@@ -13,6 +13,8 @@ import pytest
 import schemathesis
 from fuzzing import (
     BASE,
+    EXAMPLES,
+    FEW_HOSTILE_SCALARS,
     HEADERS,
     HOSTILE_SCALARS,
     ONE_MB,
@@ -47,13 +49,22 @@ JSON_ROUTES: dict[str, type] = {
     "/api/v1/asample": T.SampleRequest,
     "/api/v1/retrieve_future": T.FutureRetrieveRequest,
 }
+# Routes added after the ones above, fuzzed by tests of their own so the runs above keep their
+# examples (and their time) for the older routes.
+NEWER_JSON_ROUTES: dict[str, type] = {
+    "/api/v1/copy_weights": T.CopyWeightsRequest,
+    "/api/v1/retrieve_futures": T.FuturesRetrieveRequest,
+    "/api/v1/join_sampling_session": T.JoinSamplingSessionRequest,
+    "/api/v1/sessions/search": T.SessionSearchRequest,
+    "/api/v1/create_custom_loss": T.CreateCustomLossRequest,
+}
 
 
-def sdk_bodies() -> st.SearchStrategy:
+def sdk_bodies(routes: dict[str, type] = JSON_ROUTES) -> st.SearchStrategy:
     """(path, body) pairs that fit the SDK's request types, generated from their JSON schemas."""
     components: dict[str, Any] = {}
     paths = {}
-    for path, model in JSON_ROUTES.items():
+    for path, model in routes.items():
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
@@ -75,11 +86,15 @@ def aimed(draw, body: Any, world) -> Any:
     real = {
         "session_id": [world.session_id], "model_id": [world.model_id], "sampling_session_id": [world.sampler_id],
         "base_model": [BASE], "model_path": [world.sampler_path], "path": [world.weights_path, world.sampler_path, "fuzz"],
+        "source_path": [world.weights_path, world.sampler_path],
     }
     body = dict(body)
     for key, choices in real.items():
         if key in body and draw(st.booleans()):
             body[key] = draw(st.sampled_from(choices))
+    target = body.get("target")  # retrieve_futures
+    if isinstance(target, dict) and draw(st.booleans()):
+        body["target"] = {**target, "sampling_session_id": world.sampler_id}
     lora = body.get("lora_config")
     if isinstance(lora, dict) and isinstance(lora.get("rank"), int) and 1 < lora["rank"] <= 512:
         body["lora_config"] = {**lora, "rank": 1}  # each model created holds its adapter's memory
@@ -129,6 +144,25 @@ def test_tinker_json_routes_answer_sdk_shaped_and_mutated_bodies_below_500(fuzz_
             content = data.draw(raw_json(body))
             response = post(client, path, content)
             check_outcome(client, response, describe("POST", path, content), wait=path == "/api/v1/asample")
+
+        fuzz()
+    assert_still_serving(fuzz_server)
+
+
+def test_newer_tinker_json_routes_answer_sdk_shaped_and_mutated_bodies_below_500(fuzz_server, world):
+    with httpx.Client(base_url=fuzz_server.base_url, headers=HEADERS, timeout=120,
+                      limits=httpx.Limits(max_connections=1)) as client:
+
+        @fuzz_settings(EXAMPLES // 2)  # few routes, and their fields each swept below
+        @given(route=sdk_bodies(NEWER_JSON_ROUTES), data=st.data())
+        def fuzz(route, data):
+            path, body = route
+            body = aimed(data.draw, body, world)
+            if data.draw(st.booleans()):
+                body = data.draw(mutated(body))
+            content = data.draw(raw_json(body))
+            response = post(client, path, content)
+            check_outcome(client, response, describe("POST", path, content), wait=False)
 
         fuzz()
     assert_still_serving(fuzz_server)
@@ -249,6 +283,19 @@ def test_a_hostile_value_in_every_top_level_field_of_every_json_route(fuzz_serve
                 for value in HOSTILE_SCALARS:
                     if value is not ONE_MB:  # sent by the fuzzers above; 1 MB per field and route adds up
                         post(client, path, json.dumps({field: value}, allow_nan=True).encode())
+            too_large = post(client, path, json.dumps({next(iter(model.model_fields)): TEN_MB}).encode())
+            assert too_large.status_code == 413 and "limit of 8388608 bytes" in too_large.json()["detail"]
+    assert_still_serving(fuzz_server)
+
+
+def test_a_hostile_value_of_each_kind_in_every_top_level_field_of_the_newer_json_routes(fuzz_server, world):
+    """As above for the newer routes, with one hostile value of each kind (FEW_HOSTILE_SCALARS)
+    to keep the tier short."""
+    with httpx.Client(base_url=fuzz_server.base_url, headers=HEADERS, timeout=120) as client:
+        for path, model in NEWER_JSON_ROUTES.items():
+            for field in [*model.model_fields, "unknown_field"]:
+                for value in FEW_HOSTILE_SCALARS:
+                    post(client, path, json.dumps({field: value}, allow_nan=True).encode())
             too_large = post(client, path, json.dumps({next(iter(model.model_fields)): TEN_MB}).encode())
             assert too_large.status_code == 413 and "limit of 8388608 bytes" in too_large.json()["detail"]
     assert_still_serving(fuzz_server)

@@ -96,7 +96,7 @@ def test_search_pages_newest_first_with_a_cursor(world):
 
 def test_search_refuses_bad_requests_and_hides_other_users(world):
     alice, bob = world["http"]["alice"], world["http"]["bob"]
-    for body, field in [({"limit": 0}, "limit"), ({"checkpoint_type": "nope"}, "checkpoint_type"),
+    for body, field in [({"limit": 0}, "limit"), ({"checkpoint_type": "nope"}, "checkpoint_type"), ({"checkpoint_type": []}, "checkpoint_type"),
                         ({"cursor": {"last_created_at": "yesterday"}}, "cursor"), ({"frobnicate": 1}, "frobnicate"),
                         ({"owner": {"type": "everyone"}}, "owner")]:
         response = search(alice, **body)

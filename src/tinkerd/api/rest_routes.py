@@ -148,7 +148,7 @@ def checkpoint_search(body: Any) -> CheckpointSearch:
     search.user_metadata = metadata
     checkpoint_type = body.get("checkpoint_type")
     if checkpoint_type is not None:
-        if checkpoint_type not in KINDS_BY_TYPE:
+        if not isinstance(checkpoint_type, str) or checkpoint_type not in KINDS_BY_TYPE:
             raise UserError(f"checkpoint_type must be one of {', '.join(KINDS_BY_TYPE)} or null, got {checkpoint_type!r}",
                             field="checkpoint_type")
         search.kind = KINDS_BY_TYPE[checkpoint_type]
