@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import tinkerd.engine.sampler as sampler_module
+import tinkerd.engine.scheduler as scheduler_module
 from tinkerd.engine.client import InProcessEngine
 from tinkerd.types import AdamParams, Datum, ForwardBackwardCall, LoraSpec, SampleRequest, SamplingParams
 
@@ -129,7 +130,7 @@ def test_samples_decode_between_the_passes_of_a_large_training_batch(engine):
 
     trainer._pass = recorded_pass
     try:
-        trainer.train_pass_tokens = 24  # two datums of 12 tokens a pass: 20 passes
+        trainer.train_pass_tokens = 24  # two datums of 12 tokens a pass: 20 passes (one datum while sampling goes on)
         training = engine.forward_backward(ForwardBackwardCall("large", datums(40), "cross_entropy", {}, False))
         assert started.wait(300)
         sample = engine.sample(greedy("lone", 4))
@@ -137,7 +138,31 @@ def test_samples_decode_between_the_passes_of_a_large_training_batch(engine):
     finally:
         trainer.train_pass_tokens = budget
         trainer._pass = run_pass
-    assert trainer.stats["forward_backward_passes"] - passes == 20
+    assert 20 <= trainer.stats["forward_backward_passes"] - passes <= 40
     assert order == ["sample", "training"]
     assert sample.result().sequences[0].tokens == alone
     assert len(training.result().outputs) == 40
+
+
+def test_training_passes_are_smaller_while_sampling_goes_on(engine, monkeypatch):
+    """A request that arrives during a pass waits for that pass: while someone samples, a pass
+    is a quarter of its usual size; with nobody sampling, passes are full size again."""
+    engine.create_adapter("sized", LoraSpec(rank=4, seed=3)).result()
+    trainer = engine.trainer
+    budget = trainer.train_pass_tokens
+    call = ForwardBackwardCall("sized", datums(16), "cross_entropy", {}, False)
+    trainer.train_pass_tokens = 48  # four datums of 12 tokens a pass; one while sampling goes on
+
+    def passes_of_one_call() -> int:
+        before = trainer.stats["forward_backward_passes"]
+        engine.forward_backward(call).result(timeout=300)
+        return trainer.stats["forward_backward_passes"] - before
+
+    try:
+        monkeypatch.setattr(scheduler_module, "SAMPLING_RECENT_S", 3600.0)  # however slow the machine, "recent"
+        engine.sample(greedy("poke", 2)).result(timeout=300)
+        assert passes_of_one_call() == 16  # sampled recently: one datum a pass
+        monkeypatch.setattr(scheduler_module, "SAMPLING_RECENT_S", 0.0)
+        assert passes_of_one_call() == 4  # nobody sampling: full passes
+    finally:
+        trainer.train_pass_tokens = budget

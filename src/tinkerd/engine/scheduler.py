@@ -14,9 +14,10 @@ Its loop interleaves two kinds of work (docs/engine.md):
     same kind, none of whose adapter's requests are queued before it) into one shared pass;
   * sampling is continuous batching: new requests are prefilled and join the running
     batch, every active row advances one token per decode step, finished ones leave.
-A forward/backward runs one pass (at most the trainer's `train_pass_tokens`) at a time;
-while sample rows are decoding, the passes and the decode steps share the engine's time
-about equally, so neither a large training batch nor a sampling flood stalls the other.
+A forward/backward runs one pass (at most the trainer's `train_pass_tokens`, a quarter of
+that while sampling goes on) at a time; while sample rows are decoding, the passes and the
+decode steps share the engine's time about equally, so neither a large training batch nor a
+sampling flood stalls the other.
 
 This module decides; the trainer and the sampler do the math.
 """
@@ -46,6 +47,13 @@ log = logging.getLogger(__name__)
 # prefill beats a one-request prefill competing with that parsing for the CPU and the GIL.
 ADMIT_QUIET_S = 0.015
 ADMIT_MAX_S = 0.15
+
+# While sampling is going on (rows decoding, requests waiting, or one served within
+# SAMPLING_RECENT_S), a training pass takes 1/SHARED_PASS_DIVISOR of its usual tokens: a
+# request that arrives during a pass waits for at most that much of it. Smaller passes cost
+# the training some throughput, only while someone samples.
+SAMPLING_RECENT_S = 1.0
+SHARED_PASS_DIVISOR = 4
 
 
 @dataclass
@@ -83,6 +91,7 @@ class Scheduler:
         self._decode_owed = 0.0
         self._last_pass_s = 0.0  # how long the latest training pass took
         self._window_given = False  # whether arrivals since that pass got their decode window
+        self._sampled_at = -float("inf")  # time.monotonic() when sample rows last decoded
         self.admit_quiet_s, self.admit_max_s = ADMIT_QUIET_S, ADMIT_MAX_S
         self.trainer: Trainer
         self.sampler: Sampler
@@ -181,6 +190,7 @@ class Scheduler:
                     log.exception("decode step failed")
                     sampler.fail_all(exc)
                 self._decode_owed -= time.perf_counter() - started
+                self._sampled_at = time.monotonic()
             if self._training is None or not sampler.rows:
                 self._decode_owed = 0.0
 
@@ -278,10 +288,17 @@ class Scheduler:
                 job.future.set_exception(exc)
         if not ready:
             return
-        passes = self.trainer.forward_backward_passes([prepared for _, prepared in ready], ready[0][0].call.forward_only)
+        passes = self.trainer.forward_backward_passes([prepared for _, prepared in ready], ready[0][0].call.forward_only,
+                                                      self._pass_tokens)
         tokens = sum(len(datum.tokens) for job, _ in ready for datum in job.call.datums)
         self._training = _Training([job for job, _ in ready], passes, time.perf_counter(), tokens)
         self._training_pass()
+
+    def _pass_tokens(self) -> int:
+        """The padded tokens of the next training pass (SAMPLING_RECENT_S)."""
+        full = self.trainer.train_pass_tokens
+        sampling = self.sampler.rows or self._new_samples or time.monotonic() - self._sampled_at < SAMPLING_RECENT_S
+        return max(1, full // SHARED_PASS_DIVISOR) if sampling else full
 
     def _training_pass(self) -> None:
         """Run the next pass of the forward/backward in progress; deliver its results after the last."""

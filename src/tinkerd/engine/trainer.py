@@ -222,17 +222,24 @@ class Trainer:
             except StopIteration as done:
                 return done.value
 
-    def forward_backward_passes(self, calls: list[PreparedCall], forward_only: bool) -> Generator[None, None, list[TrainResult]]:
+    def forward_backward_passes(
+        self, calls: list[PreparedCall], forward_only: bool, pass_tokens: Callable[[], int] | None = None,
+    ) -> Generator[None, None, list[TrainResult]]:
         """`forward_backward`, one pass per step: it yields after each pass (so the scheduler
-        can run decode steps between the passes of a large batch) and returns the results."""
+        can run decode steps between the passes of a large batch) and returns the results.
+        `pass_tokens`, asked before each pass, caps that pass's padded tokens (default:
+        `train_pass_tokens`); the scheduler makes passes smaller while sampling is going on."""
         self.stats["forward_backward_calls"] += len(calls)
         flat = [(c, d) for c, call in enumerate(calls) for d in call.datums]
         outputs: list[list[dict[str, np.ndarray]]] = [[] for _ in calls]
         metrics: list[list[dict[str, float]]] = [[] for _ in calls]
-        groups = token_budget_groups(flat, self.train_pass_tokens, key=lambda item: len(item[1].tokens))
-        for i, group in enumerate(groups):
-            self._pass(calls, group, forward_only, outputs, metrics)
-            if i + 1 < len(groups):
+        start = 0
+        while start < len(flat):
+            budget = pass_tokens() if pass_tokens is not None else self.train_pass_tokens
+            end = group_end(flat, start, budget, key=lambda item: len(item[1].tokens))
+            self._pass(calls, flat[start:end], forward_only, outputs, metrics)
+            start = end
+            if start < len(flat):
                 yield
         return [TrainResult(outputs=o, metrics=losses.reduce_metrics(m)) for o, m in zip(outputs, metrics, strict=True)]
 
@@ -316,15 +323,23 @@ def _stability(datum: Datum, device: torch.device | None = None) -> losses.Stabi
     )
 
 
+def group_end(items: list, start: int, budget: int, key: Callable[[Any], int]) -> int:
+    """Where the group that begins at `start` ends: as many consecutive items as keep its
+    padded size (rows × longest) within `budget`, and at least one."""
+    end, longest = start, 0
+    while end < len(items):
+        longest_next = max(longest, key(items[end]))
+        if end > start and longest_next * (end - start + 1) > budget:
+            break
+        longest, end = longest_next, end + 1
+    return end
+
+
 def token_budget_groups(items: list, budget: int, key: Callable[[Any], int]) -> list[list]:
     """Consecutive groups whose padded size (rows × longest) stays within `budget`."""
-    groups: list[list] = [[]]
-    longest = 0
-    for item in items:
-        longest_next = max(longest, key(item))
-        if groups[-1] and longest_next * (len(groups[-1]) + 1) > budget:
-            groups.append([])
-            longest_next = key(item)
-        groups[-1].append(item)
-        longest = longest_next
-    return [g for g in groups if g]
+    groups, start = [], 0
+    while start < len(items):
+        end = group_end(items, start, budget, key)
+        groups.append(items[start:end])
+        start = end
+    return groups
