@@ -10,6 +10,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
+import tinkerd.engine.sampler as sampler_module
 import tiny_models
 from tinkerd.engine.model import LoraWeights, lora_module_paths
 from tinkerd.engine.prefix_cache import BLOCK, MIN_HIT_TOKENS, PrefixCache
@@ -137,6 +138,18 @@ def test_a_request_for_prompt_scores_computes_its_whole_prompt(model):
     assert got.prompt_cache_hit_tokens == 0
     assert torch.allclose(torch.tensor(got.prompt_logprobs[1:]), torch.tensor(want.prompt_logprobs[1:]), atol=ATOL, rtol=0)
     assert_same_samples(got, want)
+
+
+def test_cached_prompt_tokens_do_not_count_against_a_prefill_round(model, monkeypatch):
+    monkeypatch.setitem(sampler_module.PREFILL_TOKENS_PER_ROUND, "cpu", 100)
+    text = prompt(10, 80)
+    for sampler, waits in ((make_sampler(model), 0), (make_sampler(model, prefix_cache_bytes=0), 3)):
+        run(sampler, request(text))
+        pending = [PendingSample(request(text, seed=i, temperature=1.0), Future()) for i in range(4)]
+        with torch.inference_mode():
+            assert len(sampler.admit(pending)) == waits  # 80 prompt tokens each, or 1 to compute
+            while sampler.rows:
+                sampler.decode_step()
 
 
 def test_the_option_zero_turns_reuse_off(model):

@@ -325,11 +325,16 @@ class Sampler:
 
     def _prefill_round(self, pending: list[PendingSample]) -> tuple[list[PendingSample], list[PendingSample]]:
         """(this round's requests, the rest): as many as PREFILL_TOKENS_PER_ROUND prompt tokens
-        allow, at least one."""
+        to compute allow (those the prefix cache holds cost nothing), at least one."""
         budget = PREFILL_TOKENS_PER_ROUND.get(self.device.type, PREFILL_TOKENS_PER_ROUND["cuda"])
         taken = 0
         for i, item in enumerate(pending):
-            taken += len(item.request.prompt) * item.request.num_samples
+            request = item.request
+            cached = 0
+            if self.prefix_cache.enabled and _may_reuse_prefix(request):
+                cached = min(self.prefix_cache.cached_length(_weights_identity(request), request.prompt), len(request.prompt) - 1)
+                cached = cached if cached >= MIN_HIT_TOKENS else 0
+            taken += (len(request.prompt) - cached) * request.num_samples
             if taken > budget and i > 0:
                 return pending[:i], pending[i:]
         return pending, []
