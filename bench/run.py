@@ -21,8 +21,11 @@ Benchmarks (one module each, `run(ctx, smoke) -> dict`):
                     half                                                         < 1.1x
   ray_engines       the engine as a Ray actor (serve --ray) vs in the server's
                     process: sampling 32 x 64 and training 8 x 128 tokens/s      >= 0.9x
-  custom_loss       a DPO step (8 pairs x 128 tokens) with the loss run on the
+  custom_loss       a DPO step (4 pairs x 128 tokens) with the loss run on the
                     server vs on the client (forward + surrogate backward)       >= 1.3x
+  prefix_reuse      an 8-turn rollout and 16 requests of one 1024-token prompt
+                    with the sampler's prefix cache vs --prefix-cache-mb 0
+                    (wall time; prompt tokens computed)                          < 0.8x
 
 The server is a real `tinkerd serve` subprocess driven by the unmodified tinker SDK; the
 baselines run in this process, taking turns with the server, never at the same time.
@@ -44,7 +47,7 @@ from pathlib import Path
 
 BENCHMARKS = ["train_throughput", "multitenant", "sampling", "multilora", "ckpt_first_token", "scaling", "moe", "fairness", "ray_engines",
               "custom_loss",
-              "memory"]
+              "memory", "prefix_reuse"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
