@@ -30,7 +30,7 @@ BETA = 0.5
 def sizes(smoke: bool) -> dict:
     if smoke:
         return {"batch": 2, "seq_len": 16, "rounds": 1, "steps_per_round": 1}
-    return {"batch": 8, "seq_len": 128, "rounds": 3, "steps_per_round": 2}
+    return {"batch": 4, "seq_len": 128, "rounds": 2, "steps_per_round": 2}
 
 
 def dpo(logprobs, chosen, rejected, ref_margin):
