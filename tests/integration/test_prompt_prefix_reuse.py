@@ -28,7 +28,7 @@ def sample(client, prompt: list[int]) -> types.SampleResponse:
 
 
 def test_a_prompt_sent_again_is_served_from_the_cache_with_the_same_samples(server):
-    client = tinker.ServiceClient(base_url=server.base_url, api_key="tml-test").create_sampling_client(base_model=BASE)
+    client = tinker.ServiceClient(base_url=server.base_url, api_key="tml-test").create_sampling_client(base_model=BASE).result()
     prompt = own_prompt(17, 60)
     first, again = sample(client, prompt), sample(client, prompt)
     assert (first.prompt_cache_hit_tokens, again.prompt_cache_hit_tokens) == (0, len(prompt) - 1)
@@ -46,7 +46,7 @@ def test_a_prompt_sent_again_is_served_from_the_cache_with_the_same_samples(serv
 @pytest.mark.slow  # a server of its own
 def test_reuse_turned_off(start_server):
     srv = start_server(extra_args=["--prefix-cache-mb", "0"])
-    client = tinker.ServiceClient(base_url=srv.base_url, api_key="tml-test").create_sampling_client(base_model=BASE)
+    client = tinker.ServiceClient(base_url=srv.base_url, api_key="tml-test").create_sampling_client(base_model=BASE).result()
     prompt = own_prompt(19, 60)
     first, again = sample(client, prompt), sample(client, prompt)
     assert (first.prompt_cache_hit_tokens, again.prompt_cache_hit_tokens) == (0, 0)
