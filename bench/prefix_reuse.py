@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from bench.common import API_KEY, Context, Target, close_quietly, log, random_tokens, row, settle
+from bench.common import API_KEY, Context, Target, close_quietly, log, one_compute_thread, random_tokens, row, settle
 
 
 def sizes(smoke: bool) -> dict:
@@ -68,13 +68,23 @@ def run(ctx: Context, smoke: bool) -> dict:
 
     cfg = sizes(smoke)
     vocab = ctx.shape.vocab
-    reuse_service = ctx.service_client()
-    log("prefix_reuse: starting a second tinkerd with --prefix-cache-mb 0")
-    plain_server = Server(ctx.model_dir, ctx.work / "data-no-prefix-cache", ["--prefix-cache-mb", "0"]).start(timeout=300)
+    # Two servers of their own, alike but for the option, each on one compute thread: with two
+    # OpenMP threads on a busy host, a lone row's decode steps spin-wait (bench/common.py) and
+    # their noise drowned the prefill a turn saves (a first run: about 30 s a turn on either side).
+    log("prefix_reuse: starting tinkerd with the prefix cache and one with --prefix-cache-mb 0")
+    with one_compute_thread():
+        servers = {"reuse": Server(ctx.model_dir, ctx.work / "data-prefix-cache"),
+                   "plain": Server(ctx.model_dir, ctx.work / "data-no-prefix-cache", ["--prefix-cache-mb", "0"])}
+        try:
+            for server in servers.values():
+                server.start(timeout=300)
+        except BaseException:
+            for server in servers.values():
+                server.stop()
+            raise
     try:
-        plain_service = tinker.ServiceClient(base_url=plain_server.base_url, api_key=API_KEY)
-        sides = {"reuse": reuse_service.create_sampling_client(base_model=ctx.model_name),
-                 "plain": plain_service.create_sampling_client(base_model=ctx.model_name)}
+        services = {side: tinker.ServiceClient(base_url=server.base_url, api_key=API_KEY) for side, server in servers.items()}
+        sides = {side: service.create_sampling_client(base_model=ctx.model_name).result() for side, service in services.items()}
         warm = np.random.default_rng(99)
         for client in sides.values():  # first requests pay for loading and warming up, on both sides alike
             rollout(client, warm, vocab, {**cfg, "turns": 2})
@@ -92,10 +102,11 @@ def run(ctx: Context, smoke: bool) -> dict:
                 settle()
             log(f"prefix_reuse: round {round_index + 1}: " + ", ".join(
                 f"{key} {s:.2f} s, {c}/{n} prompt tokens computed" for key, (s, n, c) in totals.items()))
-        close_quietly(plain_service)
+        for service in services.values():
+            close_quietly(service)
     finally:
-        plain_server.stop()
-    close_quietly(reuse_service)
+        for server in servers.values():
+            server.stop()
 
     rows = []
     for load, label in (("rollout", f"{cfg['turns']}-turn rollout"), ("group", f"{cfg['group']} requests of one prompt")):
