@@ -110,7 +110,7 @@ _CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 LOSS_NAMES: frozenset[str] = frozenset(_CONFIG_DEFAULTS)
-# A loss the user defined with create_custom_loss (§2.8): its config carries the checked graph
+# A loss the user defined with create_custom_loss (docs/losses.md §2.8): its config carries the checked graph
 # (engine/custom_loss.py), which the server put there in place of the request's loss_id.
 CUSTOM = "custom"
 
