@@ -390,11 +390,32 @@ class Registry:
         digest = hmac.new(self._signing_key(), payload.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
+    def _sign(self, claims: dict) -> str:
+        """A token that carries `claims` (each kind of token has its own claim key, so one
+        kind never passes for another), signed with the data dir's key."""
+        payload = base64.urlsafe_b64encode(json.dumps(claims, separators=(",", ":")).encode()).decode().rstrip("=")
+        return f"{payload}.{self._signature(payload)}"
+
+    def _open(self, token: str, what: str, expired: str, now: dt.datetime | None,
+              *fields: tuple[str, type]) -> list:
+        """The `fields` (claim key, conversion) of a token `_sign` made and that has not expired;
+        else Forbidden, naming `what` the token is for or saying `expired`."""
+        payload, _, signature = token.partition(".")
+        if not payload or not hmac.compare_digest(signature, self._signature(payload)):
+            raise Forbidden(f"invalid {what} signature")
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            values = [convert(claims[key]) for key, convert in fields]
+            expires = int(claims["e"])
+        except (ValueError, KeyError, TypeError):
+            raise Forbidden(f"malformed {what} token") from None
+        if (now or utcnow()).timestamp() > expires:
+            raise Forbidden(expired)
+        return values
+
     def sign_download(self, row: CheckpointRow, file_name: str, expires: dt.datetime) -> str:
         """A token for one file of one checkpoint version, valid until `expires`."""
-        body = json.dumps({"c": row.id, "f": file_name, "e": int(expires.timestamp())}, separators=(",", ":"))
-        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
-        return f"{payload}.{self._signature(payload)}"
+        return self._sign({"c": row.id, "f": file_name, "e": int(expires.timestamp())})
 
     def download_urls(self, path: TinkerPath, base_url: str, user: User,
                       now: dt.datetime | None = None) -> tuple[dict[str, str], dt.datetime]:
@@ -416,16 +437,8 @@ class Registry:
 
     def open_download(self, token: str, now: dt.datetime | None = None) -> Path:
         """The file a token grants, or Forbidden / NotFound."""
-        payload, _, signature = token.partition(".")
-        if not payload or not hmac.compare_digest(signature, self._signature(payload)):
-            raise Forbidden("invalid download signature")
-        try:
-            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            row_id, file_name, expires = int(claims["c"]), str(claims["f"]), int(claims["e"])
-        except (ValueError, KeyError, TypeError):
-            raise Forbidden("malformed download token") from None
-        if (now or utcnow()).timestamp() > expires:
-            raise Forbidden("this download URL has expired; ask for new URLs (get_external_weights_urls)")
+        row_id, file_name = self._open(token, "download", "this download URL has expired; ask for new URLs "
+                                       "(get_external_weights_urls)", now, ("c", int), ("f", str))
         with self.db() as s:
             row = s.get(CheckpointRow, row_id)
         if row is None:
@@ -444,22 +457,12 @@ class Registry:
         if not Path(row.directory).is_dir():
             raise NotFound(f"checkpoint {path} is listed but its files are missing")
         expires = (now or utcnow()) + DOWNLOAD_URL_LIFETIME
-        body = json.dumps({"a": row.id, "e": int(expires.timestamp())}, separators=(",", ":"))
-        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
-        return f"{base_url}?token={payload}.{self._signature(payload)}", expires
+        return f"{base_url}?token={self._sign({'a': row.id, 'e': int(expires.timestamp())})}", expires
 
     def open_archive(self, token: str, now: dt.datetime | None = None) -> CheckpointRow:
         """The checkpoint an archive token grants, or Forbidden / NotFound."""
-        payload, _, signature = token.partition(".")
-        if not payload or not hmac.compare_digest(signature, self._signature(payload)):
-            raise Forbidden("invalid archive signature")
-        try:
-            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            row_id, expires = int(claims["a"]), int(claims["e"])
-        except (ValueError, KeyError, TypeError):
-            raise Forbidden("malformed archive token") from None
-        if (now or utcnow()).timestamp() > expires:
-            raise Forbidden("this archive URL has expired; ask for a new one (get_checkpoint_archive_url)")
+        (row_id,) = self._open(token, "archive", "this archive URL has expired; ask for a new one "
+                               "(get_checkpoint_archive_url)", now, ("a", int))
         with self.db() as s:
             row = s.get(CheckpointRow, row_id)
         if row is None or not Path(row.directory).is_dir():
@@ -469,43 +472,23 @@ class Registry:
     def sign_upload(self, upload_id: str, file_name: str, expires: dt.datetime) -> str:
         """A token to PUT one file of one weights upload, valid until `expires` (same key as downloads;
         the "u" claim keeps the two kinds of token apart)."""
-        body = json.dumps({"u": upload_id, "f": file_name, "e": int(expires.timestamp())}, separators=(",", ":"))
-        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
-        return f"{payload}.{self._signature(payload)}"
+        return self._sign({"u": upload_id, "f": file_name, "e": int(expires.timestamp())})
 
     def open_upload(self, token: str, now: dt.datetime | None = None) -> tuple[str, str]:
         """(upload id, file name) a token lets its bearer PUT, or Forbidden."""
-        payload, _, signature = token.partition(".")
-        if not payload or not hmac.compare_digest(signature, self._signature(payload)):
-            raise Forbidden("invalid upload signature")
-        try:
-            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            upload_id, file_name, expires = str(claims["u"]), str(claims["f"]), int(claims["e"])
-        except (ValueError, KeyError, TypeError):
-            raise Forbidden("malformed upload token") from None
-        if (now or utcnow()).timestamp() > expires:
-            raise Forbidden("this upload URL has expired; start a new upload")
+        upload_id, file_name = self._open(token, "upload", "this upload URL has expired; start a new upload", now,
+                                          ("u", str), ("f", str))
         return upload_id, file_name
 
     def sign_trace(self, session_id: str, expires: dt.datetime) -> str:
         """A token to download one session's trace, valid until `expires` (same key as downloads;
         the "s" claim keeps it apart from the other kinds of token)."""
-        body = json.dumps({"s": session_id, "e": int(expires.timestamp())}, separators=(",", ":"))
-        payload = base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
-        return f"{payload}.{self._signature(payload)}"
+        return self._sign({"s": session_id, "e": int(expires.timestamp())})
 
     def open_trace(self, token: str, now: dt.datetime | None = None) -> str:
         """The session whose trace a token lets its bearer download, or Forbidden."""
-        payload, _, signature = token.partition(".")
-        if not payload or not hmac.compare_digest(signature, self._signature(payload)):
-            raise Forbidden("invalid trace download signature")
-        try:
-            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-            session_id, expires = str(claims["s"]), int(claims["e"])
-        except (ValueError, KeyError, TypeError):
-            raise Forbidden("malformed trace download token") from None
-        if (now or utcnow()).timestamp() > expires:
-            raise Forbidden("this trace URL has expired; run `tinker session export-trace` again")
+        (session_id,) = self._open(token, "trace download", "this trace URL has expired; run `tinker session "
+                                   "export-trace` again", now, ("s", str))
         return session_id
 
     # -- crash recovery --------------------------------------------------------------------
