@@ -45,21 +45,25 @@ class CustomLossError(UserError):
 # cartesian_prod, one_hot, diag_embed, pad, repeat, tile), and anything that leaves torch
 # (item, tolist, numpy) or touches autograd (backward, register_hook, requires_grad_, grad).
 
-TORCH_FUNCTIONS = frozenset({
-    "abs", "neg", "exp", "expm1", "exp2", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "square", "pow",
-    "float_power", "reciprocal", "sigmoid", "tanh", "sign", "floor", "ceil", "round", "trunc", "erf",
-    "clamp", "clip", "clamp_min", "clamp_max", "minimum", "maximum", "fmin", "fmax", "where", "nan_to_num",
+# Elementwise math, comparisons, reductions and reshapes: torch functions and tensor methods both.
+TENSOR_OPS = frozenset({
+    "abs", "neg", "exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "square", "pow",
+    "reciprocal", "sigmoid", "tanh", "sign", "floor", "ceil", "round", "trunc",
+    "clamp", "clip", "clamp_min", "clamp_max", "minimum", "maximum", "where", "nan_to_num",
     "add", "sub", "mul", "div", "true_divide", "remainder",
     "lt", "le", "gt", "ge", "eq", "ne", "isfinite", "isnan", "isinf",
     "logical_and", "logical_or", "logical_not", "logical_xor",
     "sum", "nansum", "mean", "nanmean", "prod", "amax", "amin", "max", "min", "argmax", "argmin",
     "logsumexp", "softmax", "log_softmax", "cumsum", "std", "var", "norm", "dot", "count_nonzero",
     "any", "all", "sort", "topk",
-    "stack", "cat", "concat", "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "flip", "narrow",
+    "reshape", "flatten", "squeeze", "unsqueeze", "transpose", "flip", "narrow",
     "select", "index_select", "gather", "masked_fill", "diff", "detach",
+})
+TORCH_FUNCTIONS = TENSOR_OPS | {
+    "exp2", "float_power", "erf", "fmin", "fmax", "stack", "cat", "concat",
     "zeros_like", "ones_like", "full_like", "zeros", "ones", "full", "arange", "tensor", "as_tensor",
     "scalar_tensor",
-})
+}
 FUNCTIONAL = frozenset({
     "logsigmoid", "softplus", "relu", "sigmoid", "silu", "softmax", "log_softmax", "kl_div", "mse_loss",
     "l1_loss", "smooth_l1_loss", "huber_loss", "binary_cross_entropy_with_logits", "normalize",
@@ -80,21 +84,11 @@ GETATTR_TARGETS = frozenset({"getattr", "builtins.getattr"})
 # The only attributes `getattr` may read, and only of a tensor.
 TENSOR_ATTRIBUTES = frozenset({"shape", "dtype", "ndim", "T", "mT", "device"})
 # torch.Tensor methods a loss may call, on a tensor.
-METHODS = frozenset({
-    "abs", "neg", "exp", "expm1", "log", "log1p", "log2", "log10", "sqrt", "rsqrt", "square", "pow",
-    "reciprocal", "sigmoid", "tanh", "sign", "floor", "ceil", "round", "trunc",
-    "clamp", "clip", "clamp_min", "clamp_max", "minimum", "maximum", "where", "nan_to_num",
-    "add", "sub", "mul", "div", "true_divide", "remainder",
-    "lt", "le", "gt", "ge", "eq", "ne", "isfinite", "isnan", "isinf",
-    "logical_and", "logical_or", "logical_not", "logical_xor",
-    "sum", "nansum", "mean", "nanmean", "prod", "amax", "amin", "max", "min", "argmax", "argmin",
-    "logsumexp", "softmax", "log_softmax", "cumsum", "std", "var", "norm", "dot", "count_nonzero",
-    "any", "all", "sort", "topk",
-    "reshape", "view", "view_as", "flatten", "squeeze", "unsqueeze", "transpose", "t", "permute", "flip",
-    "narrow", "select", "index_select", "gather", "masked_fill", "diff", "expand", "expand_as",
-    "contiguous", "clone", "detach", "float", "double", "long", "int", "bool", "to", "type_as",
+METHODS = TENSOR_OPS | {
+    "view", "view_as", "permute", "t", "expand", "expand_as",
+    "contiguous", "clone", "float", "double", "long", "int", "bool", "to", "type_as",
     "size", "dim", "numel",
-})
+}
 # The names fx records for some of the functions above, and the public name each stands for.
 FX_NAMES = {
     "torch._C._nn.log_sigmoid": "torch.nn.functional.logsigmoid",
