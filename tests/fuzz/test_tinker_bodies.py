@@ -130,12 +130,14 @@ def check_outcome(client: httpx.Client, response: httpx.Response, sent: str, wai
         assert outcome.json()["category"] == "user", f"{sent} failed as the server's fault: {outcome.text[:500]}"
 
 
-def test_tinker_json_routes_answer_sdk_shaped_and_mutated_bodies_below_500(fuzz_server, world):
-    with httpx.Client(base_url=fuzz_server.base_url, headers=HEADERS, timeout=120,
+def fuzz_sdk_shaped_bodies(server, world, routes: dict[str, type], examples: int) -> None:
+    """POST SDK-shaped bodies of `routes`, aimed at real ids, mutated half the time, and check
+    that every answer is below 500 and the server still serves."""
+    with httpx.Client(base_url=server.base_url, headers=HEADERS, timeout=120,
                       limits=httpx.Limits(max_connections=1)) as client:
 
-        @fuzz_settings()
-        @given(route=sdk_bodies(), data=st.data())
+        @fuzz_settings(examples)
+        @given(route=sdk_bodies(routes), data=st.data())
         def fuzz(route, data):
             path, body = route
             body = aimed(data.draw, body, world)
@@ -146,26 +148,15 @@ def test_tinker_json_routes_answer_sdk_shaped_and_mutated_bodies_below_500(fuzz_
             check_outcome(client, response, describe("POST", path, content), wait=path == "/api/v1/asample")
 
         fuzz()
-    assert_still_serving(fuzz_server)
+    assert_still_serving(server)
+
+
+def test_tinker_json_routes_answer_sdk_shaped_and_mutated_bodies_below_500(fuzz_server, world):
+    fuzz_sdk_shaped_bodies(fuzz_server, world, JSON_ROUTES, EXAMPLES)
 
 
 def test_newer_tinker_json_routes_answer_sdk_shaped_and_mutated_bodies_below_500(fuzz_server, world):
-    with httpx.Client(base_url=fuzz_server.base_url, headers=HEADERS, timeout=120,
-                      limits=httpx.Limits(max_connections=1)) as client:
-
-        @fuzz_settings(EXAMPLES // 2)  # few routes, and their fields each swept below
-        @given(route=sdk_bodies(NEWER_JSON_ROUTES), data=st.data())
-        def fuzz(route, data):
-            path, body = route
-            body = aimed(data.draw, body, world)
-            if data.draw(st.booleans()):
-                body = data.draw(mutated(body))
-            content = data.draw(raw_json(body))
-            response = post(client, path, content)
-            check_outcome(client, response, describe("POST", path, content), wait=False)
-
-        fuzz()
-    assert_still_serving(fuzz_server)
+    fuzz_sdk_shaped_bodies(fuzz_server, world, NEWER_JSON_ROUTES, EXAMPLES // 2)  # few routes, each field swept below
 
 
 # -- protobuf: forward_backward ----------------------------------------------------------------
