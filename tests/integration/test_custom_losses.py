@@ -166,6 +166,24 @@ def test_the_server_refuses_what_its_allowlist_lacks(server, tokenizer):
         tc.forward_backward_custom([long], handle).result()
 
 
+def test_a_loss_that_fails_on_its_values_fails_that_call_and_the_run_goes_on(server, tokenizer):
+    """Refused only once it meets the real log-probs (its dry run on zeros passes): the call
+    fails as the user's, naming the node, and the same run trains on afterwards."""
+    def past_the_end(logprobs, weights):
+        index = ((logprobs < -1e-6) & (weights > 0)).sum()  # every row on real log-probs: one too far
+        return -logprobs[index], {}
+
+    sc = tinker.ServiceClient(base_url=server.base_url)
+    handle = sc.create_custom_loss(past_the_end, NLL_RANKS).result()
+    tc = sc.create_lora_training_client(base_model=BASE, rank=4, seed=1)
+    data = [nll_datum(tokenizer, "Hello there, friend.")]
+    with pytest.raises(tinker.RequestFailedError, match="node 'getitem'.*out of bounds") as failed:
+        tc.forward_backward_custom(data, handle).result()
+    assert failed.value.category == types.RequestErrorCategory.User
+    assert np.isfinite(tc.forward_backward(data, "cross_entropy").result().metrics["loss:sum"])
+    tc.optim_step(ADAM).result()
+
+
 def test_a_forbidden_graph_is_refused_with_400_and_never_runs(server, tmp_path):
     sentinel = tmp_path / "opened"
     headers = {"X-API-Key": "tml-test"}

@@ -178,6 +178,21 @@ def test_the_same_seed_gives_the_same_tokens_as_in_process(ray_runs: dict, local
             sampled(local["sc"], tokenizer, model_path=in_process["path"])
 
 
+def test_the_session_trace_splits_each_request_into_queue_wait_and_engine_work(ray_server: Server, ray_runs: dict):
+    """The engine's start stamp crosses the actor boundary as a duration, so a session's
+    trace shows the same split as with an in-process engine."""
+    session_id = ray_runs[MODEL_NAME]["tc"].get_info().model_id.split(":train:")[0]
+    headers = {"X-API-Key": "tml-test"}
+    answer = httpx.get(f"{ray_server.base_url}/api/v1/sessions/{session_id}/trace_export", headers=headers).json()
+    trace = httpx.get(answer["url"]).json()
+    engine_work = [e for e in trace["traceEvents"] if e.get("cat") == "request" and e["name"] in ("forward_backward", "optim_step", "save")]
+    assert len(engine_work) >= 2 * 5  # both runs: 2 forward_backward, 2 optim_step and a save each
+    for request in engine_work:
+        args = request["args"]
+        assert "queue_wait_us" in args and "compute_us" in args, request
+        assert args["compute_us"] > 0 and args["queue_wait_us"] + args["compute_us"] <= request["dur"], request
+
+
 def test_an_in_flight_client_follows_its_run_across_the_actor_boundary(ray_runs: dict):
     """In-flight weights live in the actor that trains the run: a client made before a
     training step samples the step's weights once an in-flight save published them."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -378,3 +379,57 @@ def test_a_request_that_fails_inside_a_shared_batch_fails_alone(engine):
     # The engine keeps serving.
     assert engine.sample(SampleRequest(prompt=TOKENS[:6].tolist(), num_samples=2, params=params)).result().sequences[0].tokens \
         == alone.sequences[0].tokens
+
+
+def value_dependent_loss(logprobs, flag):
+    """Fine on the dry run at validation (zero logprobs index row 0), but on real logprobs a
+    datum whose flag is set indexes one past its last row."""
+    index = ((logprobs < -1e-6) & (flag > 0)).sum()
+    return -logprobs[index], {}
+
+
+def test_a_custom_loss_that_fails_on_its_values_fails_its_own_call_alone(engine):
+    """Another user's call in the same batch is served as if alone, and the failing run's
+    gradients are as before its call (part of it ran in an earlier pass of the batch)."""
+    from tinker.lib.public_interfaces.custom_loss import encode_graph, trace_loss
+
+    from tinkerd.loss_graph import CustomLossError, parse_loss
+
+    handle = trace_loss(value_dependent_loss, {"logprobs": 1, "flag": 1}, "sess")
+    graph = parse_loss(handle.name, [i.model_dump() for i in handle.inputs], json.loads(encode_graph(handle).model_dump_json()))
+    for name, seed in (("steady", 5), ("steady-alone", 5), ("picky", 6)):
+        engine.create_adapter(name, LoraSpec(rank=4, seed=seed)).result()
+    steady_data = [datum(np.roll(TOKENS, i)) for i in range(2)]
+    alone = train(engine, "steady-alone", steady_data)
+    train(engine, "picky", [datum()])  # picky accumulates: it has gradients before its custom call
+    picky_before = gradients(engine, "picky")
+
+    def flagged(flag: float) -> Datum:
+        return Datum(tokens=TOKENS[:-1], inputs={"target_tokens": TOKENS[1:],
+                                                 "flag": np.full(len(TOKENS) - 1, flag, np.float32)})
+
+    trainer = engine.trainer
+    budget = trainer.train_pass_tokens
+    gate = threading.Event()
+    blocker = engine.run_on_engine_thread(gate.wait)  # both calls queued: they share the batch
+    try:
+        trainer.train_pass_tokens = len(TOKENS) - 1  # one row per pass: picky's first row trains, its second fails
+        steady = engine.forward_backward(ForwardBackwardCall("steady", steady_data, "cross_entropy", {}, False))
+        picky = engine.forward_backward(ForwardBackwardCall("picky", [flagged(0.0), flagged(1.0)], "custom",
+                                                            {"graph": graph}, False))
+        gate.set()
+        blocker.result()
+        with pytest.raises(CustomLossError, match="node 'getitem'.*out of bounds"):
+            picky.result(timeout=120)
+        result = steady.result(timeout=120)
+    finally:
+        trainer.train_pass_tokens = budget
+    assert result.metrics["loss:sum"] == pytest.approx(alone.metrics["loss:sum"], rel=1e-5)
+    for name, grad in gradients(engine, "steady-alone").items():
+        assert_same_gradient(gradients(engine, "steady")[name], grad)
+    after = gradients(engine, "picky")
+    assert after.keys() == picky_before.keys()
+    for name, grad in picky_before.items():
+        assert torch.equal(after[name], grad), name
+    # The engine keeps training, the failed run included.
+    assert train(engine, "picky", [datum()]).metrics["loss:sum"] > 0

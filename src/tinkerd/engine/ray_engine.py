@@ -18,6 +18,10 @@ What the door promises and how it is kept across a process boundary:
   * `sample`'s `on_token` stream: the actor buffers each request's tokens and the client
     fetches them with `next_tokens` calls, each returning every token chosen since the
     last; the final call also returns the result, so no token arrives after it.
+  * The engine's start stamp (`mark_started`, what a session's trace splits into queue
+    wait and work): each answer carries how long ago the engine began the request, in
+    seconds (clocks of two machines do not compare; durations do), and the client stamps
+    its future with its own clock minus that.
   * Errors: a `UserError` raised in the actor arrives as the same class (the API answers
     the same 4xx). An actor that dies fails its in-flight requests with `EngineFailed`
     naming the model; Ray starts the actor again (`max_restarts=-1`) and the next request
@@ -54,6 +58,8 @@ from tinkerd.types import (
     SampleResult,
     TokenEvent,
     UserError,
+    mark_started,
+    started_at,
 )
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,18 @@ class _TokenStream:
     def finish(self, outcome: Future) -> None:
         self.outcome = outcome
         self.ready.set()
+
+
+async def _timed(future: Future) -> tuple[Any, float | None]:
+    """The engine's answer to a request, and how many seconds ago the engine began its work
+    (None: the engine did not say)."""
+    value = await asyncio.wrap_future(future)
+    return value, _busy_for(future)
+
+
+def _busy_for(future: Future) -> float | None:
+    started = started_at(future)
+    return None if started is None else time.monotonic() - started
 
 
 class EngineActor:
@@ -128,49 +146,53 @@ class EngineActor:
                 f"lost: the engine of {self.name} restarted after its process died. Saved checkpoints are intact: resume "
                 "from the run's last save_state checkpoint (ServiceClient.create_training_client_from_state)")
 
-    async def create_adapter(self, adapter_id: str, spec: LoraSpec) -> None:
-        await asyncio.wrap_future(self.engine.create_adapter(adapter_id, spec))
-        self.held.add(adapter_id)
+    # Each request's answer is `_timed`: (the engine's answer, seconds since it began the work).
 
-    async def load_adapter(self, adapter_id: str, directory: str, with_optimizer: bool) -> LoraSpec:
-        spec = await asyncio.wrap_future(self.engine.load_adapter(adapter_id, directory, with_optimizer))
+    async def create_adapter(self, adapter_id: str, spec: LoraSpec) -> tuple[None, float | None]:
+        answer = await _timed(self.engine.create_adapter(adapter_id, spec))
         self.held.add(adapter_id)
-        return spec
+        return answer
 
-    async def drop_adapter(self, adapter_id: str) -> None:
+    async def load_adapter(self, adapter_id: str, directory: str, with_optimizer: bool) -> tuple[LoraSpec, float | None]:
+        answer = await _timed(self.engine.load_adapter(adapter_id, directory, with_optimizer))
+        self.held.add(adapter_id)
+        return answer
+
+    async def drop_adapter(self, adapter_id: str) -> tuple[None, float | None]:
         self.held.discard(adapter_id)
-        await asyncio.wrap_future(self.engine.drop_adapter(adapter_id))
+        return await _timed(self.engine.drop_adapter(adapter_id))
 
-    async def forward_backward(self, call: ForwardBackwardCall) -> Any:
+    async def forward_backward(self, call: ForwardBackwardCall) -> tuple[Any, float | None]:
         self.require(call.adapter_id)
-        return await asyncio.wrap_future(self.engine.forward_backward(_writable(call)))
+        return await _timed(self.engine.forward_backward(_writable(call)))
 
-    async def optim_step(self, adapter_id: str, params: AdamParams) -> dict:
+    async def optim_step(self, adapter_id: str, params: AdamParams) -> tuple[dict, float | None]:
         self.require(adapter_id)
-        return await asyncio.wrap_future(self.engine.optim_step(adapter_id, params))
+        return await _timed(self.engine.optim_step(adapter_id, params))
 
-    async def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool, sampler_key: str | None) -> int:
+    async def save_adapter(self, adapter_id: str, directory: str, with_optimizer: bool,
+                           sampler_key: str | None) -> tuple[int, float | None]:
         self.require(adapter_id)
-        return await asyncio.wrap_future(self.engine.save_adapter(adapter_id, directory, with_optimizer, sampler_key))
+        return await _timed(self.engine.save_adapter(adapter_id, directory, with_optimizer, sampler_key))
 
-    async def publish_inflight(self, adapter_id: str, ref: AdapterRef) -> None:
+    async def publish_inflight(self, adapter_id: str, ref: AdapterRef) -> tuple[None, float | None]:
         self.require(adapter_id)
-        await asyncio.wrap_future(self.engine.publish_inflight(adapter_id, ref))
+        return await _timed(self.engine.publish_inflight(adapter_id, ref))
 
-    async def sample(self, request: SampleRequest, stream: bool) -> SampleResult | None:
+    async def sample(self, request: SampleRequest, stream: bool) -> tuple[SampleResult | None, float | None]:
         """The result; with `stream`, None at once, and the tokens and result come through `next_tokens`."""
         if not stream:
-            return await asyncio.wrap_future(self.engine.sample(request))
+            return await _timed(self.engine.sample(request))
         tokens = self.streams.setdefault(request.request_id, _TokenStream())
         loop = asyncio.get_running_loop()
         # Both run on the engine thread, in this order: every token is pushed before the outcome.
         future = self.engine.sample(request, lambda event: loop.call_soon_threadsafe(tokens.push, event))
         future.add_done_callback(lambda done: loop.call_soon_threadsafe(tokens.finish, done))
-        return None
+        return None, None
 
-    async def next_tokens(self, request_id: str) -> tuple[list[TokenEvent], bool, SampleResult | None]:
-        """(tokens chosen since the last call, finished, the result once finished), waiting for news.
-        A failed request raises its error here."""
+    async def next_tokens(self, request_id: str) -> tuple[list[TokenEvent], bool, tuple[SampleResult, float | None] | None]:
+        """(tokens chosen since the last call, finished, the timed result once finished), waiting
+        for news. A failed request raises its error here."""
         tokens = self.streams.setdefault(request_id, _TokenStream())  # `sample` may start after this call
         await tokens.ready.wait()
         tokens.ready.clear()
@@ -178,7 +200,7 @@ class EngineActor:
         if tokens.outcome is None:
             return events, False, None
         del self.streams[request_id]
-        return events, True, tokens.outcome.result()
+        return events, True, (tokens.outcome.result(), _busy_for(tokens.outcome))
 
     def cancel(self, request_id: str, sample_index: int | None) -> None:
         self.engine.cancel(request_id, sample_index)
@@ -197,6 +219,15 @@ def _writable(call: ForwardBackwardCall) -> ForwardBackwardCall:
 
 
 # -- in the API process ------------------------------------------------------------------------
+
+
+def _resolve_timed(out: Future, answer: tuple[Any, float | None]) -> None:
+    """Settle `out` with an actor's timed answer, stamped first with when the engine began
+    its work by this process's clock (the core reads the stamp in a done callback)."""
+    value, busy = answer
+    if busy is not None:
+        mark_started(out, time.monotonic() - busy)
+    out.set_result(value)
 
 
 # Completions of actor calls are handled here, off Ray's own threads (which must not run our
@@ -240,7 +271,7 @@ class RayEngine(EngineClient):
             return
         exc = ref_future.exception()
         if exc is None:
-            out.set_result(ref_future.result())
+            _resolve_timed(out, ref_future.result())
             return
         from ray.exceptions import RayActorError
 
@@ -369,7 +400,7 @@ class RayEngine(EngineClient):
                 out.set_exception(exc)
                 return
             if finished:
-                out.set_result(result)
+                _resolve_timed(out, result)
             else:
                 poll()
 

@@ -313,7 +313,12 @@ class Scheduler:
             meter.observe("forward_backward", time.perf_counter() - training.started)
             meter.count("train_tokens", training.train_tokens)
             for job, result in zip(training.jobs, done.value, strict=True):
-                job.future.set_result(result)
+                if isinstance(result, BaseException):  # this call alone failed (Trainer.forward_backward_passes)
+                    if not isinstance(result, UserError):
+                        log.error("forward_backward failed", exc_info=result)
+                    job.future.set_exception(result)
+                else:
+                    job.future.set_result(result)
         except BaseException as exc:  # noqa: BLE001
             self._training = None
             log.exception("forward_backward failed")

@@ -214,34 +214,61 @@ class Trainer:
 
     def forward_backward(self, calls: list[PreparedCall], forward_only: bool) -> list[TrainResult]:
         """Prepared calls, possibly of different adapters, in shared passes of at most
-        `train_pass_tokens` padded tokens (a longer datum has a pass of its own)."""
+        `train_pass_tokens` padded tokens (a longer datum has a pass of its own); the first
+        call's failure, if any, is raised."""
         passes = self.forward_backward_passes(calls, forward_only)
         while True:
             try:
                 next(passes)
             except StopIteration as done:
-                return done.value
+                results = done.value
+                break
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     def forward_backward_passes(
         self, calls: list[PreparedCall], forward_only: bool, pass_tokens: Callable[[], int] | None = None,
-    ) -> Generator[None, None, list[TrainResult]]:
+    ) -> Generator[None, None, list[TrainResult | BaseException]]:
         """`forward_backward`, one pass per step: it yields after each pass (so the scheduler
-        can run decode steps between the passes of a large batch) and returns the results.
-        `pass_tokens`, asked before each pass, caps that pass's padded tokens (default:
-        `train_pass_tokens`); the scheduler makes passes smaller while sampling is going on."""
+        can run decode steps between the passes of a large batch) and returns each call's
+        result, or the error that failed that call alone. `pass_tokens`, asked before each
+        pass, caps that pass's padded tokens (default: `train_pass_tokens`); the scheduler
+        makes passes smaller while sampling is going on.
+
+        A loss that fails on a datum's values (a custom loss can: its dry run at validation
+        sees zero logprobs, not the real ones) fails its own call only. The call's rows leave
+        the batch, none of its loss reaches the backward pass, and its adapter's gradients
+        are put back as they were before the call, so a retry does not count them twice.
+        The other calls of the batch, other users' included, go on as if it had not been
+        there. (Calls of one batch are of different adapters: the scheduler sees to that.)"""
         self.stats["forward_backward_calls"] += len(calls)
         flat = [(c, d) for c, call in enumerate(calls) for d in call.datums]
         outputs: list[list[dict[str, np.ndarray]]] = [[] for _ in calls]
         metrics: list[list[dict[str, float]]] = [[] for _ in calls]
+        failed: dict[int, BaseException] = {}
+        # Built-in losses are checked whole at validation; a custom one may still fail on values.
+        # Keeping the gradients costs nothing in the usual loop (none between optim_step and the
+        # next forward_backward) and one copy of the LoRA gradients when a run accumulates.
+        kept = {c: _gradients(call.adapter) for c, call in enumerate(calls)
+                if call.loss_fn == losses.CUSTOM and not forward_only}
         start = 0
         while start < len(flat):
             budget = pass_tokens() if pass_tokens is not None else self.train_pass_tokens
             end = group_end(flat, start, budget, key=lambda item: len(item[1].tokens))
-            self._pass(calls, flat[start:end], forward_only, outputs, metrics)
+            newly_failed = self._pass(calls, flat[start:end], forward_only, outputs, metrics)
             start = end
+            if newly_failed:
+                failed.update(newly_failed)
+                for c in newly_failed:
+                    if c in kept:
+                        _restore_gradients(calls[c].adapter, kept[c])
+                flat = flat[:start] + [item for item in flat[start:] if item[0] not in failed]
             if start < len(flat):
                 yield
-        return [TrainResult(outputs=o, metrics=losses.reduce_metrics(m)) for o, m in zip(outputs, metrics, strict=True)]
+        return [failed[c] if c in failed else TrainResult(outputs=o, metrics=losses.reduce_metrics(m))
+                for c, (o, m) in enumerate(zip(outputs, metrics, strict=True))]
 
     def _pass(
         self,
@@ -250,7 +277,9 @@ class Trainer:
         forward_only: bool,
         outputs: list[list[dict[str, np.ndarray]]],
         metrics: list[list[dict[str, float]]],
-    ) -> None:
+    ) -> dict[int, BaseException]:
+        """One shared pass over `group`; returns the calls whose loss failed in it (their loss
+        is left out of the backward pass)."""
         lengths = [len(d.tokens) for _, d in group]
         tokens = torch.zeros(len(group), max(lengths), dtype=torch.long)
         for i, (_, d) in enumerate(group):
@@ -277,20 +306,30 @@ class Trainer:
             for i, t in enumerate(flat):
                 padded[i, : t.shape[0], : t.shape[1]] = t
             picked = torch.log_softmax(logits, dim=-1).gather(-1, padded.to(self.device))
-            total = None
+            call_losses: dict[int, list[torch.Tensor]] = {}
+            failed: dict[int, BaseException] = {}
             for i, (c, d) in enumerate(group):
+                if c in failed:
+                    continue
                 call = calls[c]
                 inputs = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device) for k, v in d.inputs.items()}
                 target_lp = picked[i, : flat[i].shape[0], : flat[i].shape[1]].reshape(targets[i].shape)
                 stability = _stability(d, self.device) if d.stability is not None else None
-                result = losses.compute_datum_loss(call.loss_fn, target_lp, inputs, call.config, stability)
-                total = result.loss if total is None else total + result.loss
+                try:
+                    result = losses.compute_datum_loss(call.loss_fn, target_lp, inputs, call.config, stability)
+                except Exception as exc:  # noqa: BLE001 - this call alone fails (forward_backward_passes)
+                    failed[c] = exc
+                    continue
+                call_losses.setdefault(c, []).append(result.loss)
                 out = {"logprobs": target_lp.detach().float().cpu().numpy()}
                 out.update({k: v.detach().float().cpu().numpy() for k, v in result.extra_outputs.items()})
                 outputs[c].append(out)
                 metrics[c].append(result.metrics)
+            kept = [loss for c, terms in call_losses.items() if c not in failed for loss in terms]
+            total = sum(kept[1:], kept[0]) if kept else None
             if not forward_only and total is not None and total.requires_grad:
                 total.backward()
+        return failed
 
     # -- optimizer -------------------------------------------------------------------------
 
@@ -313,6 +352,16 @@ class Trainer:
             adapter.optimizer.step()
         adapter.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm:mean": grad_norm}
+
+
+def _gradients(adapter: TrainableAdapter) -> dict[str, torch.Tensor | None]:
+    """A copy of the adapter's accumulated gradients (None where it has none)."""
+    return {name: None if p.grad is None else p.grad.clone() for name, p in adapter.params.items()}
+
+
+def _restore_gradients(adapter: TrainableAdapter, saved: dict[str, torch.Tensor | None]) -> None:
+    for name, p in adapter.params.items():
+        p.grad = saved[name]
 
 
 def _stability(datum: Datum, device: torch.device | None = None) -> losses.StabilityInfo:
