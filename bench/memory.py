@@ -27,7 +27,7 @@ SAMPLE_EVERY_S = 1.0
 
 def sizes(smoke: bool) -> dict:
     if smoke:
-        return {"requests": 200, "warmup": 40, "concurrency": 8}
+        return {"requests": 64, "warmup": 16, "concurrency": 8}
     return {"requests": 20000, "warmup": 2000, "concurrency": 32}
 
 

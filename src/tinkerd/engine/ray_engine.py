@@ -271,13 +271,23 @@ class RayEngine(EngineClient):
             return
         exc = ref_future.exception()
         if exc is None:
-            _resolve_timed(out, ref_future.result())
+            self._resolve(out, ref_future.result())
             return
         from ray.exceptions import RayActorError
 
         if isinstance(exc, RayActorError):
             self._await_restart()
         out.set_exception(self._failure(exc))
+
+    def _resolve(self, out: Future, answer: Any) -> None:
+        """Settle `out` with the actor's timed answer; one this process cannot read (an actor
+        of another tinkerd version) fails the request instead of leaving it waiting."""
+        try:
+            _resolve_timed(out, answer)
+        except Exception as exc:  # noqa: BLE001 - the caller's failure, naming the engine
+            out.set_exception(EngineFailed(
+                f"the engine of {self.label} answered what this server cannot read ({type(exc).__name__}: {exc}); "
+                "tinkerd must be the same version on every node of the cluster"))
 
     def _await_restart(self) -> None:
         """The actor died: hold new requests until Ray has it running again. (Requests sent to
@@ -400,7 +410,7 @@ class RayEngine(EngineClient):
                 out.set_exception(exc)
                 return
             if finished:
-                _resolve_timed(out, result)
+                self._resolve(out, result)
             else:
                 poll()
 
