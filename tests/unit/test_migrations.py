@@ -146,6 +146,38 @@ def test_a_new_database_opened_by_two_processes_at_once_is_migrated_once(databas
     engine.dispose()
 
 
+def test_an_open_waits_for_a_migration_that_holds_sqlite_longer_than_its_default_timeout(tmp_path: Path):
+    """Another process's migration (an older tinkerd's, or one slowed by a busy host) holds
+    SQLite's write lock past the sqlite3 module's 5 s busy timeout: the open waits its turn
+    instead of failing with "database is locked"."""
+    import sqlite3
+    import time
+
+    path = tmp_path / "tinkerd.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA journal_mode=WAL")
+    holder.execute("BEGIN IMMEDIATE")  # what a migration holds while it runs
+    opened: list[object] = []
+    opener = threading.Thread(target=lambda: opened.append(_open_or_error(f"sqlite:///{path}")))
+    opener.start()
+    held_since = time.monotonic()
+    while time.monotonic() - held_since < 5.5:  # past sqlite3's default busy timeout
+        opener.join(0.1)
+        assert not opened, f"opened while the lock was held: {opened}"
+    holder.execute("COMMIT")
+    holder.close()
+    opener.join(60)
+    assert opened and not isinstance(opened[0], BaseException), opened
+
+
+def _open_or_error(url: str) -> object:
+    try:
+        open_database(url).kw["bind"].dispose()
+        return "opened"
+    except BaseException as exc:  # noqa: BLE001 - reported by the test
+        return exc
+
+
 def test_a_database_from_a_newer_tinkerd_is_refused(database_url: str):
     open_database(database_url).kw["bind"].dispose()
     engine = create_engine(database_url)

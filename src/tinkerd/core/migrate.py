@@ -9,8 +9,8 @@ server at start, and each offline command), with Alembic driven from code.
 
 All revisions and the version stamp commit in one transaction, so a crash mid-upgrade
 leaves the schema as it was. Two processes opening the same database at once (the server
-and `tinkerd keys create`) take turns: SQLite's write lock (BEGIN IMMEDIATE), Postgres's
-advisory lock.
+and `tinkerd keys create`) take turns: SQLite's write lock (BEGIN IMMEDIATE, waited for up
+to SQLITE_LOCK_WAIT_S), Postgres's advisory lock.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ BASELINE = "0001"
 VERSION_TABLE = "alembic_version"
 LEGACY_MARKER_TABLE = "training_runs"  # in every tinkerd database since the first release
 _POSTGRES_LOCK_KEY = 0x74696E6B64  # "tinkd": the advisory lock migrations hold on Postgres
+# How long an open waits for SQLite's write lock while another process migrates (or holds
+# it): sqlite3's default of 5 s is shorter than a migration on a busy host can take. Postgres's
+# advisory lock waits as long as it is held.
+SQLITE_LOCK_WAIT_S = 300.0
 
 log = logging.getLogger(__name__)
 # Alembic is imported inside the functions, after this: its import logs a line per plugin at INFO.
@@ -81,7 +85,7 @@ def _migration_engine(engine: Engine) -> Engine:
     url = engine.url
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return engine
-    migrating = create_engine(url, connect_args={"check_same_thread": False})
+    migrating = create_engine(url, connect_args={"check_same_thread": False, "timeout": SQLITE_LOCK_WAIT_S})
 
     @event.listens_for(migrating, "connect")
     def _connect(conn, _record):
