@@ -9,6 +9,8 @@ acknowledged. The models here are the schema as the newest migration leaves it
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
+import time
 from pathlib import Path
 
 from sqlalchemy import (
@@ -181,6 +183,27 @@ def shown(url: str | Path | URL) -> str:
     return (url if isinstance(url, URL) else parse_database_url(url)).render_as_string(hide_password=True)
 
 
+# How long a new SQLite connection keeps asking for WAL mode while other connections hold the
+# lock that switching needs (see `use_wal`).
+WAL_SWITCH_WAIT_S = 60.0
+
+
+def use_wal(conn: sqlite3.Connection, wait_s: float = WAL_SWITCH_WAIT_S) -> None:
+    """`PRAGMA journal_mode=WAL` on a new connection, asked again while SQLite answers "database
+    is locked". Switching a new database to WAL needs a lock that SQLite refuses at once, without
+    its busy timeout, while another connection takes it: processes (or threads) opening a new
+    database together would otherwise fail now and then."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchall()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def create_database_engine(url: str | Path | URL) -> Engine:
     """An engine with each backend's settings: SQLite's durability pragmas, Postgres's pool."""
     url = url if isinstance(url, URL) else parse_database_url(url)
@@ -191,10 +214,8 @@ def create_database_engine(url: str | Path | URL) -> Engine:
 
             @event.listens_for(engine, "connect")
             def _pragmas(conn, _record):  # durability with decent write speed
-                cur = conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")
-                cur.close()
+                use_wal(conn)
+                conn.execute("PRAGMA synchronous=FULL")
 
             return engine
         if backend == "postgresql":

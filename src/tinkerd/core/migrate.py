@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from tinkerd.core.db import DatabaseError, shown
+from tinkerd.core.db import DatabaseError, shown, use_wal
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -90,7 +90,7 @@ def _migration_engine(engine: Engine) -> Engine:
     @event.listens_for(migrating, "connect")
     def _connect(conn, _record):
         conn.isolation_level = None  # SQLAlchemy's "begin" event below issues BEGIN itself
-        conn.execute("PRAGMA journal_mode=WAL")
+        use_wal(conn)
         conn.execute("PRAGMA synchronous=FULL")
 
     @event.listens_for(migrating, "begin")
