@@ -47,8 +47,8 @@ def console_server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def run(console_server, tokenizer) -> Trainer:
-    """A run trained 8 steps on one sentence, with a sampler checkpoint of it."""
+    """A run trained 10 steps on one sentence (from a fixed seed), with a sampler checkpoint of it."""
     trainer = Trainer(console_server.base_url, tokenizer)
-    trainer.steps(8)
+    trainer.steps(10)
     trainer.sampler_path = trainer.client.save_weights_for_sampler("trained").result().path
     return trainer

@@ -71,11 +71,13 @@ def sft_datum(tokenizer, text: str):
 class Trainer:
     """A training run driven through the SDK, counting the losses it reported."""
 
-    def __init__(self, base_url: str, tokenizer, text: str = SENTENCE):
+    def __init__(self, base_url: str, tokenizer, text: str = SENTENCE, seed: int = 0):
         import tinker
 
         self.service = tinker.ServiceClient(base_url=base_url, api_key=API_KEY)
-        self.client = self.service.create_lora_training_client(base_model=BASE, rank=8)
+        # A fixed seed: 8 steps from a random start did not always teach the sentence (the
+        # compare test once saw " drink drink ..." without "purple").
+        self.client = self.service.create_lora_training_client(base_model=BASE, rank=8, seed=seed)
         self.run_id = self.client.get_info().model_id
         self.datum = sft_datum(tokenizer, text)
         self.losses = 0
