@@ -26,8 +26,10 @@ serve: $(STAMP)
 
 # The whole suite, with the cookbook acceptance tier (tests/acceptance): ~4 min more on a
 # quiet 2-core box, plus ~2.5 min to build its venv the first time. test-fast leaves it out.
+# PYTHONFAULTHANDLER: a process of the run that crashes (pytest itself, a server, a client)
+# prints its threads' stacks instead of dying without a word.
 test: $(STAMP) browser sdk-versions
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
+	PYTHONFAULTHANDLER=1 $(PY) -m pytest -q -p no:cacheprovider --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not acceptance and not fuzz and not sdk_versions" tests

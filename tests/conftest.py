@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 
 from postgres import PostgresServer, find_bin_dir
-from tinkerd_testing import CACHE, MODEL_NAME, Server
+from tinkerd_testing import CACHE, MODEL_NAME, Server, close_sdk_clients
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    close_sdk_clients()
 
 
 @pytest.fixture(scope="session")

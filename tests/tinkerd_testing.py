@@ -95,3 +95,43 @@ class Server:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def close_sdk_clients(timeout: float = 10.0) -> None:
+    """Close every `tinker` client still open in this process and stop the SDK's event loop.
+
+    The SDK runs one event loop in a daemon thread, and each client keeps a heartbeat task on
+    it. Tests leave clients open when their server stops, so at the end of a run those
+    heartbeats still fail against dead ports, logging after pytest's summary. A daemon thread
+    still working while Python 3.11 tears down the interpreter can abort the process (SIGABRT)
+    and turn a passing run into a failed one; ending the loop before exit leaves nothing running.
+    """
+    import asyncio
+    import gc
+
+    try:
+        from tinker.lib import internal_client_holder as sdk
+    except ImportError:
+        return
+    singleton = getattr(sdk, "_internal_client_holder_thread_singleton", None)
+    loop = getattr(singleton, "_loop", None)
+    thread = getattr(singleton, "_thread", None)
+    if loop is None or thread is None or not thread.is_alive():
+        return
+
+    async def close_all() -> None:
+        for holder in [o for o in gc.get_objects() if type(o) is sdk.InternalClientHolder]:
+            try:
+                await holder.aclose()
+            except Exception:  # a client of a server long gone: closing is all that is left to do
+                pass
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)

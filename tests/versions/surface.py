@@ -281,6 +281,13 @@ def main() -> None:
         surface = Surface(args.base_url, args.api_key, Path(work))
         surface.all()
     args.out.write_text(json.dumps({"tinker": tinker.__version__, "calls": surface.calls}, indent=1) + "\n")
+    # The outcome is written. Leave without the interpreter's teardown: the client's event loop
+    # (and torch's thread pools, from the custom loss) are still running then, and a daemon
+    # thread woken during Python 3.11's finalization now and then aborts the process (SIGABRT,
+    # no message), which would read as a failed client although every call was recorded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

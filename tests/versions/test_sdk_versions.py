@@ -36,7 +36,8 @@ EXPECTED_NA = {
 
 
 def run_surface(version: str, base_url: str, log_dir: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TINKER_API_KEY": f"tml-sdk-{version}"}
+    # PYTHONFAULTHANDLER: a crash of the client's interpreter prints its threads' stacks to the log.
+    env = {**os.environ, "TINKER_API_KEY": f"tml-sdk-{version}", "PYTHONFAULTHANDLER": "1"}
     env.pop("PYTHONPATH", None)  # the client's venv alone: nothing of tinkerd or the suite
     log = log_dir / f"tinker-{version}.log"
     with open(log, "w") as out:
