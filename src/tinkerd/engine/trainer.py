@@ -251,7 +251,7 @@ class Trainer:
         # Built-in losses are checked whole at validation; a custom one may still fail on values.
         # Keeping the gradients costs nothing in the usual loop (none between optim_step and the
         # next forward_backward) and one copy of the LoRA gradients when a run accumulates.
-        kept = {c: _gradients(call.adapter) for c, call in enumerate(calls)
+        saved_gradients = {c: _gradients(call.adapter) for c, call in enumerate(calls)
                 if call.loss_fn == losses.CUSTOM and not forward_only}
         start = 0
         while start < len(flat):
@@ -262,8 +262,8 @@ class Trainer:
             if newly_failed:
                 failed.update(newly_failed)
                 for c in newly_failed:
-                    if c in kept:
-                        _restore_gradients(calls[c].adapter, kept[c])
+                    if c in saved_gradients:
+                        _restore_gradients(calls[c].adapter, saved_gradients[c])
                 flat = flat[:start] + [item for item in flat[start:] if item[0] not in failed]
             if start < len(flat):
                 yield
@@ -325,8 +325,8 @@ class Trainer:
                 out.update({k: v.detach().float().cpu().numpy() for k, v in result.extra_outputs.items()})
                 outputs[c].append(out)
                 metrics[c].append(result.metrics)
-            kept = [loss for c, terms in call_losses.items() if c not in failed for loss in terms]
-            total = sum(kept[1:], kept[0]) if kept else None
+            surviving = [loss for c, terms in call_losses.items() if c not in failed for loss in terms]
+            total = sum(surviving[1:], surviving[0]) if surviving else None
             if not forward_only and total is not None and total.requires_grad:
                 total.backward()
         return failed
