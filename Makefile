@@ -25,7 +25,7 @@ serve: $(STAMP)
 	$(VENV)/bin/tinkerd serve --host $(HOST) --port $(PORT)
 
 # The whole suite, with the cookbook acceptance tier (tests/acceptance): ~4 min more on a
-# quiet 2-core box, plus ~2.5 min to build its venv the first time. test-fast leaves it out.
+# quiet 2-core box, plus ~30 s to build its venv the first time. test-fast leaves it out.
 # PYTHONFAULTHANDLER: a process of the run that crashes (pytest itself, a server, a client)
 # prints its threads' stacks instead of dying without a word.
 test: $(STAMP) browser sdk-versions
