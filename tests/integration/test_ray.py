@@ -5,7 +5,8 @@ the token in a file of this test's own) and a tinkerd that joins it with the sam
 serving the default model and a tiny random Llama 3 model. The unmodified SDKs drive it:
 both models train at once and sample, the OpenAI routes serve checkpoints of both, the
 same seeds give the same tokens as an in-process tinkerd, and a killed actor fails its
-request cleanly, comes back, and tells a run that lost its state how to resume.
+request cleanly, comes back, and tells a run that lost its state how to resume. Last, one
+model served as two replicas shows where the router sends runs, checkpoints and base samples.
 """
 
 from __future__ import annotations
@@ -243,6 +244,60 @@ def test_a_killed_actor_fails_its_request_cleanly_and_comes_back(ray_server: Ser
     resumed.optim_step(types.AdamParams(learning_rate=1e-2)).result()
     # The other model's actor never noticed.
     assert len(sampled(sc, ray_runs[TINY]["tokenizer"], model_path=ray_runs[TINY]["path"])) == 2
+
+
+def test_two_replicas_of_one_model_keep_runs_checkpoints_and_base_samples_where_they_belong(
+        ray_cluster: str, ray_server: Server, tiny_dir: Path, tmp_path: Path):
+    """`--replicas 2` with real actors: each run trains on the replica that holds its state,
+    a checkpoint is sampled on one replica however many clients ask, and a base-model sample
+    goes to the replica with nothing in flight."""
+    ray_server.stop()  # its two actors hold the cluster's 2 CPUs (and the tiny model's actor name)
+    srv = Server(tiny_dir, tmp_path / "data", ["--ray", ray_cluster, "--replicas", "2"], model_name=TINY).start()
+    try:
+        replicas = [ray.get_actor(f"{TINY}#{index}", namespace="tinkerd") for index in range(2)]
+
+        def counter(name: str) -> list[int]:
+            return [ray.get(replica.stats.remote()).counters.get(name, 0) for replica in replicas]
+
+        def grew(before: list[int], after: list[int]) -> list[bool]:
+            return [b > a for a, b in zip(before, after, strict=True)]
+
+        sc = tinker.ServiceClient(base_url=srv.base_url)
+        runs = [sc.create_lora_training_client(base_model=TINY, rank=4, seed=seed).result() for seed in (1, 2)]
+        tokenizer = runs[0].get_tokenizer()
+        data = [sft_datum(tokenizer, t) for t in TEXTS]
+        assert [ray.get(replica.stats.remote()).adapters_trainable for replica in replicas] == [1, 1]
+        # The other replica has no state of the run: a step routed there would fail.
+        for run in runs:
+            before = counter("train_tokens")
+            run.forward_backward(data, "cross_entropy").result()
+            run.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            assert sum(grew(before, counter("train_tokens"))) == 1
+        # One checkpoint, three requests from two clients: all decoded by the same replica.
+        path = runs[0].save_weights_for_sampler("replicated").result().path
+        prompt = types.ModelInput.from_ints(tokenizer.encode(PROMPT))
+        params = types.SamplingParams(max_tokens=4, temperature=0.0)
+        clients = [sc.create_sampling_client(model_path=path).result() for _ in range(2)]
+        before = counter("decode_tokens")
+        for client in (clients[0], clients[1], clients[0]):
+            assert len(client.sample(prompt, 1, params).result().sequences[0].tokens) == 4
+        assert sum(grew(before, counter("decode_tokens"))) == 1
+        # A base-model sample while another decodes on one replica goes to the other.
+        before = counter("decode_tokens")
+        # The first asks for all the tiny model's context (512) allows: long in flight.
+        body = {"model": TINY, "prompt": PROMPT, "max_tokens": 480, "temperature": 1.0, "seed": 3, "stream": True}
+        with httpx.stream("POST", srv.base_url + "/v1/completions", json=body,
+                          headers={"Authorization": "Bearer tml-test"}, timeout=120) as response:
+            assert response.status_code == 200, response.read()
+            lines = response.iter_lines()  # kept: a dropped iterator closes the connection, which cancels
+            next(line for line in lines if line.startswith("data: "))  # decoding now
+            second = httpx.post(srv.base_url + "/v1/completions", headers={"Authorization": "Bearer tml-test"},
+                                json={"model": TINY, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}, timeout=120)
+            assert second.status_code == 200, second.text
+        after = counter("decode_tokens")
+        assert grew(before, after) == [True, True], (before, after)
+    finally:
+        srv.stop()
 
 
 def test_serve_refuses_replica_options_without_ray(model_dir: Path, tmp_path: Path):
