@@ -252,7 +252,7 @@ class Trainer:
         # Keeping the gradients costs nothing in the usual loop (none between optim_step and the
         # next forward_backward) and one copy of the LoRA gradients when a run accumulates.
         saved_gradients = {c: _gradients(call.adapter) for c, call in enumerate(calls)
-                if call.loss_fn == losses.CUSTOM and not forward_only}
+                           if call.loss_fn == losses.CUSTOM and not forward_only}
         start = 0
         while start < len(flat):
             budget = pass_tokens() if pass_tokens is not None else self.train_pass_tokens
